@@ -1,0 +1,44 @@
+"""Torch reference of window attention: the Triton scoring kernel is checked against this."""
+from __future__ import annotations
+
+import torch
+
+from .scorers.base import WindowAttention
+
+
+def causal_window_mask(lengths: torch.Tensor, window: int, num_tokens: int) -> torch.Tensor:
+    """[N, W, T]: query w of request n sees key t iff t < lengths[n] and t <= lengths[n] - W + w."""
+    t = torch.arange(num_tokens, device=lengths.device)
+    last_seen = lengths[:, None] - window + torch.arange(window, device=lengths.device)[None, :]
+    return t[None, None, :] <= last_seen[:, :, None]
+
+
+def window_attention(keys: torch.Tensor, queries: torch.Tensor, lengths: torch.Tensor,
+                     scale: float | None = None) -> WindowAttention:
+    n, nl, h, t, d = keys.shape
+    hq, w = queries.shape[2], queries.shape[3]
+    g = hq // h
+    scale = d ** -0.5 if scale is None else scale
+    q = queries.float().reshape(n, nl, h, g * w, d)
+    logits = torch.einsum("nlhrd,nlhtd->nlhrt", q, keys.float()) * scale
+    logits = logits.view(n, nl, h, g, w, t)
+    mask = causal_window_mask(lengths, w, t)[:, None, None, None]        # [N,1,1,1,W,T]
+    probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
+    probs = probs.reshape(n, nl, hq, w, t)
+    return WindowAttention(mean_rows=probs.mean(dim=3), last_row=probs[:, :, :, -1])
+
+
+def pool1d(x: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Average pooling along the last dim, same length, zero padded (counted in the mean, as kvpress does)."""
+    if kernel <= 1:
+        return x
+    shape = x.shape
+    y = torch.nn.functional.avg_pool1d(x.reshape(-1, 1, shape[-1]), kernel, stride=1, padding=kernel // 2)
+    return y.reshape(shape)
+
+
+def attention_evidence(attn: WindowAttention, num_kv_heads: int, pool_kernel: int) -> torch.Tensor:
+    """AMS evidence e[n, l, h, t]: window mean, 1-D average pool, mean over the G query heads of each KV head."""
+    m = pool1d(attn.mean_rows, pool_kernel)
+    n, nl, hq, t = m.shape
+    return m.view(n, nl, num_kv_heads, hq // num_kv_heads, t).mean(dim=3)
