@@ -78,6 +78,7 @@ class ScoreInputs:
 class Scorer:
     name: ClassVar[str]
     needs_queries: ClassVar[bool] = False
+    reads_kv: ClassVar[bool] = True     # False: only the shape/device of keys is used (the engine skips gathering)
 
     def __init__(self, cfg: PolicyConfig):
         self.cfg = cfg

@@ -1,0 +1,18 @@
+"""StreamingLLM: recency. The sink tokens are pinned by selection; the scorer only prefers recent tokens."""
+from __future__ import annotations
+
+import torch
+
+from ._common import finish
+from .base import ScoreInputs, Scorer, register
+
+
+@register
+class StreamingScorer(Scorer):
+    name = "streaming"
+    needs_queries = False
+    reads_kv = False
+
+    def score(self, inputs: ScoreInputs):
+        t = torch.arange(inputs.keys.shape[3], device=inputs.keys.device, dtype=torch.float32)
+        return finish(t.view(1, 1, 1, -1), inputs)
