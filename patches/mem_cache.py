@@ -1,0 +1,112 @@
+"""Hooks on sglang.srt.mem_cache (radix cache, KV release, KV sizing) and on the model runner that builds the
+pools.
+
+* The prefix a request matched in the radix tree (cache_protected_len) is pinned: compaction starts after it.
+* With --ams-prompt-cache private (default), a policy request's prompt is not inserted into the tree after
+  prefill (ChunkCache semantics), so it stays compressible; with "cached" SGLang inserts it and it is pinned.
+* A compacted request's KV no longer matches its tokens: it is never inserted into the tree when it finishes.
+* The query ring is reserved out of the KV budget before SGLang sizes the pool, and allocated with the pool,
+  before CUDA-graph capture.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from sglang_ams.engine import request_state
+from sglang_ams.engine import ring as ams_ring
+from sglang_ams.engine import runtime as ams_runtime
+from sglang_ams.engine.settings import from_environment
+
+logger = logging.getLogger("sglang_ams")
+RADIX = "sglang.srt.mem_cache.radix_cache.RadixCache"
+
+
+def _policy_state(req):
+    rt = ams_runtime.get()
+    if rt is None:
+        return None, None
+    return rt, request_state.state_of(req, rt.settings.policy)
+
+
+def cache_unfinished_req_hook(orig, self, req, *args, **kwargs):
+    rt, st = _policy_state(req)
+    if st is None or rt.settings.prompt_cache == "cached" or self.disable:
+        return orig(self, req, *args, **kwargs)
+    # Private prompt: keep the request's own KV out of the tree (what ChunkCache does).
+    end = req.extend_range.end
+    req.prefix_indices = self.req_to_token_pool.req_to_token[req.req_pool_idx, :end].to(torch.int64, copy=True)
+
+
+def cache_finished_req_hook(orig, self, req, is_insert: bool = True, **kwargs):
+    st = request_state.existing_state(req)
+    if st is not None and st.compacted:
+        is_insert = False
+    return orig(self, req, is_insert, **kwargs)
+
+
+def release_kv_cache_hook(result, req, *args, **kwargs):
+    """Finish, abort and retraction all release here: return the ring row, clear the position offset."""
+    rt = ams_runtime.get()
+    st = request_state.existing_state(req)
+    if rt is None or st is None:
+        return result
+    idx = getattr(req, "_ams_pool_idx", None)
+    if st.ring_row and idx is not None:
+        rt.ring.release(idx, st.ring_row)
+    if idx is not None and st.pos_offset:
+        rt.pos_offsets[idx] = 0
+    st.ring_row, st.ring_start = 0, -1
+    return result
+
+
+def release_kv_cache_before(req, *args, **kwargs):
+    # release_kv_cache clears req.req_pool_idx; remember it for the AFTER hook.
+    req._ams_pool_idx = req.req_pool_idx
+    return None
+
+
+def profile_available_bytes_hook(orig, self, *args, **kwargs):
+    available = orig(self, *args, **kwargs)
+    settings = from_environment()
+    if settings is None or not settings.policy.needs_queries or getattr(self, "is_draft_worker", False):
+        return available
+    p = settings.policy
+    mc = self.model_config
+    group = mc.num_attention_heads // max(1, mc.num_key_value_heads)
+    fraction = ams_ring.kv_fraction(p.window, group, p.budget, p.interval)
+    kept = int(available / (1.0 + fraction))
+    logger.info("sglang-ams: reserving %.1f MiB of the KV budget for the query ring (%.2f%%)",
+                (available - kept) / 2**20, 100.0 * fraction)
+    return kept
+
+
+def alloc_memory_pool_hook(result, self, *args, **kwargs):
+    if getattr(self, "is_draft_worker", False):
+        return result
+    settings = from_environment()
+    if settings is None or not settings.enabled:
+        return result
+    from sglang_ams.rope import inv_freq_from_config
+    from sglang_ams.scorers.base import RopeSpec
+    ams_runtime.check_pool(self.token_to_kv_pool, self.token_to_kv_pool_allocator)
+    ams_runtime.check_model_config(self.model_config)
+    shape = ams_runtime.model_shape(self)
+    rope = RopeSpec(inv_freq=inv_freq_from_config(self.model_config.hf_config).to(self.device))
+    rows = ams_runtime.ring_rows_for(settings, self.max_total_num_tokens)
+    rt = ams_runtime.Runtime(settings, shape, self.token_to_kv_pool, self.req_to_token_pool,
+                             self.token_to_kv_pool_allocator, rope, rows)
+    ams_runtime.install(rt)
+    return result
+
+
+HOOKS = [
+    (RADIX + ".cache_unfinished_req", cache_unfinished_req_hook, "around"),
+    (RADIX + ".cache_finished_req", cache_finished_req_hook, "around"),
+    ("sglang.srt.mem_cache.common.release_kv_cache", release_kv_cache_before, "before"),
+    ("sglang.srt.mem_cache.common.release_kv_cache", release_kv_cache_hook, "after"),
+    ("sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._profile_available_bytes",
+     profile_available_bytes_hook, "around"),
+    ("sglang.srt.model_executor.model_runner.ModelRunner.alloc_memory_pool", alloc_memory_pool_hook, "after"),
+]

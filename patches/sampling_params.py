@@ -1,0 +1,33 @@
+"""Hook on sglang.srt.sampling.sampling_params: the per-request override is validated where SGLang
+validates sampling parameters, so a bad value is an HTTP 400 and never reaches the scheduler.
+
+Requests carry it as custom_params {"kv_policy": {"budget": 512}} (native /generate: inside
+sampling_params; OpenAI endpoints: the extra body field custom_params)."""
+from __future__ import annotations
+
+from sglang_ams.config import ConfigError, request_override
+from sglang_ams.engine.request_state import REQUEST_KEY
+from sglang_ams.engine.settings import from_environment
+
+
+def verify_hook(result, self, *args, **kwargs):
+    params = self.custom_params or {}
+    if REQUEST_KEY not in params:
+        return result
+    server = from_environment()
+    if server is None or not server.enabled:
+        raise ValueError(f"custom_params.{REQUEST_KEY}: this server runs without a KV policy; start it with "
+                         "--kv-policy ams (or topk, streaming) to use per-request overrides")
+    try:
+        cfg = request_override(server.policy, params[REQUEST_KEY])
+    except ConfigError as err:
+        raise ValueError(f"custom_params.{REQUEST_KEY}: {err}") from None
+    if cfg.needs_queries and not server.policy.needs_queries:
+        raise ValueError(f"custom_params.{REQUEST_KEY}: policy {cfg.policy!r} with scorer {cfg.scorer!r} needs "
+                         "window queries, but this server was started with a query-free policy (no query ring)")
+    return result
+
+
+HOOKS = [
+    ("sglang.srt.sampling.sampling_params.SamplingParams.verify", verify_hook, "after"),
+]

@@ -1,0 +1,125 @@
+"""Hooks on sglang.srt.managers.scheduler (and its metrics reporter): startup checks in every scheduler
+process, the compaction step between decode steps, and the counters in the log and in Prometheus."""
+from __future__ import annotations
+
+import logging
+import time
+
+from sglang_ams.engine import runtime as ams_runtime
+from sglang_ams.engine import settings as ams_settings
+from sglang_ams.engine.compactor import Compactor
+
+from .server_args import settings_of
+
+logger = logging.getLogger("sglang_ams")
+SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
+REPORTER = "sglang.srt.managers.scheduler_components.metrics_reporter.SchedulerMetricsReporter"
+ATTR = "_ams_compactor"
+LOG_EVERY_S = 10.0
+
+
+def _check_scheduler(scheduler) -> None:
+    from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
+    from sglang.srt.mem_cache.chunk_cache import ChunkCache
+    from sglang.srt.mem_cache.radix_cache import RadixCache
+    if type(scheduler.tree_cache) not in (RadixCache, ChunkCache):
+        raise ams_runtime.Unsupported(f"the prefix cache is {type(scheduler.tree_cache).__name__}; the plugin "
+                                      "supports SGLang's RadixCache and ChunkCache")
+    backend = scheduler.tp_worker.model_runner.attn_backend
+    if not isinstance(backend, FlashInferAttnBackend):
+        raise ams_runtime.Unsupported(f"attention backend is {type(backend).__name__}, not FlashInfer (SGLang "
+                                      "changed it for this model); the plugin needs FlashInfer")
+    if not scheduler.spec_algorithm.is_none():
+        raise ams_runtime.Unsupported("speculative decoding is not supported")
+
+
+def init_hook(result, self, *args, **kwargs):
+    from . import engine_hooks, verify_applied
+    settings = settings_of(self.server_args)
+    env = ams_settings.from_environment()
+    if env is None or env != settings:
+        raise RuntimeError("sglang-ams: the scheduler's settings differ from the launcher's "
+                           f"({ams_settings.ENV_VAR}); was the environment changed between launch and spawn?")
+    where = f"scheduler process (tp rank {getattr(self, 'tp_rank', 0)})"
+    verify_applied(engine_hooks(), where)
+    rt = ams_runtime.get()
+    if rt is None:
+        raise RuntimeError(f"sglang-ams: the KV-pool hook did not run in the {where}")
+    _check_scheduler(self)
+    rt.attach_scheduler(self)
+    setattr(self, ATTR, Compactor(rt))
+    _init_prometheus(self, rt)
+    p = settings.policy
+    logger.info("sglang-ams: policy %s, scorer %s, budget %d, interval %d, window %d, prompt %s; ring %s; "
+                "static overhead %.1f MiB = %.2f%% of the KV pool", p.policy, p.scorer, p.budget, p.interval,
+                p.window, settings.prompt_cache, f"{rt.ring.rows} rows" if rt.ring is not None else "off",
+                rt.overhead_bytes() / 2**20, 100.0 * rt.overhead_bytes() / max(1, rt.kv_pool_bytes()))
+
+
+def update_running_batch_hook(orig, self, batch):
+    # Filter first so finished requests are not compacted, then compact before SGLang checks decode memory:
+    # freed slots avoid a retraction and the new decode slot lands right after the kept tokens.
+    initial = batch.batch_size()
+    batch.filter_batch()
+    if batch.batch_size() < initial:
+        batch.batch_is_full = False
+    if not batch.is_empty():
+        getattr(self, ATTR).step(batch)
+    return orig(self, batch)
+
+
+# --- counters ----------------------------------------------------------------------------------------------
+_PROM = {}
+_last = {"log": 0.0, "seen": {}}
+
+
+def _init_prometheus(scheduler, rt) -> None:
+    reporter = getattr(scheduler, "metrics_reporter", None)
+    if reporter is None or not getattr(reporter, "enable_metrics", False) or _PROM:
+        return
+    from prometheus_client import Counter, Gauge
+    labels = dict(getattr(reporter.metrics_collector, "labels", {}) or {})
+    names = list(labels)
+
+    def counter(name, doc):
+        return Counter(f"sglang_ams:{name}", doc, labelnames=names)
+    _PROM.update(
+        labels=labels,
+        compactions=counter("compactions_total", "Request compactions"),
+        tokens_freed=counter("tokens_freed_total", "KV tokens freed by compaction"),
+        ring_waits=counter("ring_waits_total", "Compactions delayed because no query-ring row was free"),
+        score_ms=counter("score_ms_total", "GPU milliseconds spent scoring and selecting"),
+        compact_ms=counter("compact_ms_total", "GPU milliseconds spent moving KV"),
+        host_s=counter("host_seconds_total", "Scheduler seconds spent in the compaction step"),
+        kept_ratio=Gauge("sglang_ams:kept_ratio", "Kept / physical tokens over all compactions",
+                         labelnames=names, multiprocess_mode="mostrecent"),
+    )
+
+
+def report_decode_stats_hook(result, self, *args, **kwargs):
+    rt = ams_runtime.get()
+    if rt is None:
+        return result
+    snap = rt.counters.snapshot()
+    if _PROM:
+        seen = _last["seen"]
+        for key, field in (("compactions", "compactions"), ("tokens_freed", "tokens_freed"),
+                           ("ring_waits", "ring_waits"), ("score_ms", "score_gpu_ms"),
+                           ("compact_ms", "compact_gpu_ms"), ("host_s", "host_seconds")):
+            delta = snap[field] - seen.get(field, 0)
+            if delta > 0:
+                _PROM[key].labels(**_PROM["labels"]).inc(delta)
+            seen[field] = snap[field]
+        _PROM["kept_ratio"].labels(**_PROM["labels"]).set(snap["kept_ratio"])
+    now = time.monotonic()
+    if now - _last["log"] >= LOG_EVERY_S and snap["compactions"]:
+        _last["log"] = now
+        logger.info(rt.counters.summary())
+    return result
+
+
+HOOKS = [
+    (SCHEDULER + ".__init__", init_hook, "after"),
+    (SCHEDULER + ".update_running_batch", update_running_batch_hook, "around"),
+    (REPORTER + ".report_decode_stats", report_decode_stats_hook, "after"),
+]

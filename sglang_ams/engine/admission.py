@@ -1,0 +1,30 @@
+"""Admission arithmetic: a request under a policy never holds more than its cap, so the scheduler should
+reserve that much for it, not its whole max_new_tokens (R-KV's SGLang port plateaued at 411 running
+requests where 885 fit because it did not)."""
+from __future__ import annotations
+
+from ..config import PolicyConfig
+
+MIN_DECODE_STEPS = 2   # see compactor.MIN_DECODE_STEPS
+
+
+def lead_tokens(cfg: PolicyConfig) -> int:
+    """Tokens a request may decode past its trigger before it can compact (it needs a full query window)."""
+    return max(cfg.window, MIN_DECODE_STEPS) if cfg.needs_queries else MIN_DECODE_STEPS
+
+
+def cap(pinned_prefix: int, cfg: PolicyConfig) -> int:
+    """Physical length that triggers compaction."""
+    return pinned_prefix + cfg.budget + cfg.interval
+
+
+def admission_new_tokens(prompt_len: int, pinned_prefix: int, remaining_new: int, cfg: PolicyConfig) -> int:
+    """New tokens to reserve for a request about to be admitted: its growth beyond the prompt is bounded by
+    the cap, or by the lead when the prompt alone already reaches it."""
+    growth = max(cap(pinned_prefix, cfg) - prompt_len, lead_tokens(cfg))
+    return max(0, min(remaining_new, growth))
+
+
+def running_reservation(committed: int, pinned_prefix: int, cfg: PolicyConfig) -> int:
+    """Upper bound of the tokens a running request may still add before compaction brings it back down."""
+    return max(cap(pinned_prefix, cfg) - committed, lead_tokens(cfg))

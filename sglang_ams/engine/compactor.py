@@ -1,0 +1,248 @@
+"""The compaction step, run by the scheduler between decode steps (before `prepare_for_decode`).
+
+For the requests of the running batch whose physical KV reached prefix + budget + interval (and that have a full
+window of queries when their policy needs one): score every token of every layer and KV head (Triton window
+attention + the scorer), select keep indices (selection.py), move the kept K/V to the front of each request's
+row per head (Triton compaction, in place), free the tail slots or pages, and fix SGLang's lengths. Lengths stay
+physical; the request's position offset grows by what was dropped, and the decode step adds it to positions.
+
+Decisions (who compacts, how many tokens stay) come only from host state that every TP rank shares: lengths,
+prefix lengths and budgets. Nothing here reads a GPU value back on the host.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+
+from ..compaction import plan, scorer_for
+from ..config import PolicyConfig
+from ..kernels.compaction import compact_kv
+from ..kernels.gather import gather_dense
+from ..kernels.scoring import window_attention_pool
+from ..scorers.base import ScoreInputs, WindowAttention
+from .counters import Timer, now
+from .request_state import RequestState, state_of
+from .runtime import Runtime
+
+logger = logging.getLogger("sglang_ams")
+
+ATTENTION_SCORERS = ("tova", "snapkv", "h2o", "rkv")
+# A request decodes at least this many steps before its first compaction: under the overlap scheduler the
+# post-prefill radix-cache call for a request runs one iteration after it joined the decode batch.
+MIN_DECODE_STEPS = 2
+
+
+def needs_attention(cfg: PolicyConfig) -> bool:
+    return cfg.scorer in ATTENTION_SCORERS or (cfg.policy == "ams" and cfg.use_mass)
+
+
+def group_key(cfg: PolicyConfig) -> PolicyConfig:
+    """Requests whose configs differ only in budget/interval are compacted in one launch."""
+    return cfg.replace(budget=PolicyConfig.budget, interval=PolicyConfig.interval)
+
+
+@dataclasses.dataclass
+class Due:
+    index: int               # position in the batch
+    req: object
+    state: RequestState
+    length: int              # physical KV length L
+    prefix: int              # radix-owned prefix P (never touched)
+
+    @property
+    def keep(self) -> int:
+        return self.prefix + self.state.cfg.budget
+
+    @property
+    def pinned(self) -> int:
+        return max(self.prefix, self.state.cfg.sink)
+
+
+class Compactor:
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+        self._scorers: dict = {}
+        self._timer = Timer(rt.device)
+
+    def _scorer(self, cfg: PolicyConfig):
+        key = group_key(cfg)
+        if key not in self._scorers:
+            self._scorers[key] = scorer_for(cfg)
+        return self._scorers[key]
+
+    # --- which requests --------------------------------------------------------------------------------
+    def _is_due(self, req, st: RequestState, length: int) -> bool:
+        cfg = st.cfg
+        cap = req.cache_protected_len + cfg.budget + cfg.interval
+        if req.decode_batch_idx < MIN_DECODE_STEPS:
+            return False
+        if not cfg.needs_queries:
+            return length >= cap
+        ring = self.rt.ring
+        if not st.ring_row:
+            if length >= cap - cfg.window:
+                st.ring_row = ring.acquire(req.req_pool_idx)
+                if st.ring_row:
+                    st.ring_start = length      # the query of this position is written by the coming step
+                elif length >= cap:
+                    self.rt.counters.ring_waits += 1
+            return False
+        return length >= cap and length - st.ring_start >= cfg.window
+
+    def due_requests(self, batch) -> list[Due]:
+        server_cfg = self.rt.settings.policy
+        lengths = batch.seq_lens_cpu.tolist()
+        due = []
+        for i, req in enumerate(batch.reqs):
+            st = state_of(req, server_cfg)
+            if st is not None and self._is_due(req, st, lengths[i]):
+                due.append(Due(i, req, st, lengths[i], req.cache_protected_len))
+        return due
+
+    # --- the step --------------------------------------------------------------------------------------
+    def step(self, batch) -> int:
+        """Compact every due request of a decode batch; returns how many were compacted."""
+        if not batch.reqs:
+            return 0
+        due = self.due_requests(batch)
+        if not due:
+            return 0
+        start = now()
+        rt = self.rt
+        if rt.overlap and rt.forward_stream is not None:
+            # The previous forward may still read these KV slots and write the newest K/V and queries.
+            torch.cuda.current_stream().wait_stream(rt.forward_stream)
+        groups: dict = {}
+        for d in due:
+            groups.setdefault(group_key(d.state.cfg), []).append(d)
+        for items in groups.values():
+            self._compact_group(items)
+        self._shrink_batch(batch, due)
+        rt.counters.launches += 1
+        rt.counters.host_seconds += now() - start
+        if rt.settings.debug_checks:
+            check_invariants(rt, batch)
+        return len(due)
+
+    def _compact_group(self, items: list[Due]) -> None:
+        rt, shape = self.rt, self.rt.shape
+        cfg = items[0].state.cfg
+        dev = rt.device
+        r2t = rt.req_to_token_pool.req_to_token
+        n = len(items)
+        t_max = max(d.length for d in items)
+        k_max = max(d.keep for d in items)
+        rows = torch.tensor([d.req.req_pool_idx for d in items], dtype=torch.int64, device=dev)
+        lengths = torch.tensor([d.length for d in items], dtype=torch.int32, device=dev)
+        n_keep = torch.tensor([d.keep for d in items], dtype=torch.int64, device=dev)
+        n_pinned = torch.tensor([d.pinned for d in items], dtype=torch.int64, device=dev)
+
+        t0 = self._timer.mark()
+        scorer = self._scorer(cfg)
+        queries = query_pos = attn = None
+        if cfg.needs_queries:
+            ring_rows = torch.tensor([d.state.ring_row for d in items], dtype=torch.int64, device=dev)
+            newest = torch.tensor([d.length - 1 + d.state.pos_offset for d in items], dtype=torch.int64, device=dev)
+            queries, query_pos = rt.ring.window_queries(ring_rows, newest)
+        if needs_attention(cfg):
+            mean_rows, last_row = window_attention_pool(
+                rt.k_ptrs, r2t, rows, lengths, queries, kv_dtype=shape.dtype, num_kv_heads=shape.num_kv_heads,
+                head_dim=shape.head_dim, slot_stride=rt.slot_stride, scale=shape.scale,
+                want_last_row=cfg.scorer == "tova", max_len=t_max)
+            attn = WindowAttention(mean_rows=mean_rows, last_row=last_row)
+        keys, values = self._dense_kv(scorer, rows, lengths, n, t_max)
+        inputs = ScoreInputs(keys=keys, values=values, lengths=lengths.long(), queries=queries,
+                             query_pos=query_pos, rope=rt.rope, scale=shape.scale, attn=attn)
+        credit = self._credit(items, t_max) if cfg.policy == "ams" and cfg.use_credit else None
+        sel = plan(cfg, scorer, inputs, n_pinned, n_keep, credit, k_max=k_max)
+        t1 = self._timer.mark()
+        compact_kv(rt.k_ptrs, rt.v_ptrs, r2t, rows, sel.indices, n_keep, kv_dtype=shape.dtype,
+                   num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim, slot_stride=rt.slot_stride)
+        t2 = self._timer.mark()
+        rt.counters.gpu_span("score", t0, t1)
+        rt.counters.gpu_span("compact", t1, t2)
+
+        self._free_tails(items)
+        offsets = []
+        for j, d in enumerate(items):
+            dropped = d.length - d.keep
+            d.req.kv_committed_len -= dropped
+            d.req.kv.kv_allocated_len -= dropped
+            st = d.state
+            st.pos_offset += dropped
+            st.compacted = True
+            st.compactions += 1
+            if sel.credit is not None:
+                st.credit = sel.credit[j, :, :, : d.keep].clone()
+            if st.ring_row:
+                rt.ring.release(d.req.req_pool_idx, st.ring_row)
+                st.ring_row, st.ring_start = 0, -1
+            offsets.append(st.pos_offset)
+            rt.counters.record(d.length, d.keep)
+        rt.pos_offsets[rows] = torch.tensor(offsets, dtype=torch.int64, device=dev)
+
+    def _dense_kv(self, scorer, rows, lengths, n, t_max):
+        shape, rt = self.rt.shape, self.rt
+        dims = (n, shape.num_layers, shape.num_kv_heads, t_max, shape.head_dim)
+        if not getattr(scorer, "reads_kv", True):
+            # Shape only: this scorer works from the attention statistics.
+            empty = torch.empty((), dtype=shape.dtype, device=rt.device).expand(*dims)
+            return empty, empty
+        r2t = rt.req_to_token_pool.req_to_token
+        kw = dict(num_layers=shape.num_layers, num_heads=shape.num_kv_heads, head_dim=shape.head_dim,
+                  slot_stride=rt.slot_stride, dtype=shape.dtype)
+        return (gather_dense(rt.k_ptrs, r2t, rows, lengths, t_max, **kw),
+                gather_dense(rt.v_ptrs, r2t, rows, lengths, t_max, **kw))
+
+    def _credit(self, items: list[Due], t_max: int) -> torch.Tensor:
+        """Carried credit aligned with the current tokens; tokens added since the last compaction start at 0."""
+        shape = self.rt.shape
+        credit = torch.zeros(len(items), shape.num_layers, shape.num_kv_heads, t_max, device=self.rt.device)
+        for j, d in enumerate(items):
+            if d.state.credit is not None:
+                c = d.state.credit
+                credit[j, :, :, : c.shape[-1]] = c
+        return credit
+
+    def _free_tails(self, items: list[Due]) -> None:
+        """Free what lies past the kept tokens: slots (page size 1) or whole pages past the last partial one."""
+        rt = self.rt
+        r2t = rt.req_to_token_pool.req_to_token
+        ps = rt.page_size
+        allocator = rt.allocator
+        if ps == 1:
+            tails = [r2t[d.req.req_pool_idx, d.keep: d.length] for d in items]
+            allocator.free(torch.cat(tails).to(torch.int64))
+            return
+        for d in items:
+            aligned = -(-d.keep // ps) * ps
+            if aligned < d.length:
+                allocator.free_segment(r2t[d.req.req_pool_idx, aligned: d.length].to(torch.int64), start_pos=aligned)
+
+    def _shrink_batch(self, batch, due: list[Due]) -> None:
+        """New length tensors (the in-flight forward and batch copies still hold the old ones)."""
+        delta = [0] * len(batch.reqs)
+        for d in due:
+            delta[d.index] = d.length - d.keep
+        delta_cpu = torch.tensor(delta, dtype=batch.seq_lens_cpu.dtype)
+        batch.seq_lens_cpu = batch.seq_lens_cpu - delta_cpu
+        if batch.seq_lens.is_cuda:
+            delta_cpu = delta_cpu.pin_memory()
+        delta_dev = delta_cpu.to(batch.seq_lens.device, non_blocking=True)
+        batch.seq_lens = batch.seq_lens - delta_dev.to(batch.seq_lens.dtype)
+        if getattr(batch, "orig_seq_lens", None) is not None:
+            batch.orig_seq_lens = batch.orig_seq_lens - delta_dev.to(batch.orig_seq_lens.dtype)
+        batch.seq_lens_sum = None
+        batch.batch_is_full = False
+
+
+def check_invariants(rt: Runtime, batch) -> None:
+    """Debug mode: SGLang's lengths agree with each other and the pinned prefix is page-aligned."""
+    lengths = batch.seq_lens_cpu.tolist()
+    for i, req in enumerate(batch.reqs):
+        assert req.kv_committed_len == req.kv.kv_allocated_len == lengths[i], \
+            (req.rid, req.kv_committed_len, req.kv.kv_allocated_len, lengths[i])
+        assert req.cache_protected_len % rt.page_size == 0, (req.rid, req.cache_protected_len)
+        assert req.cache_protected_len <= lengths[i]

@@ -1,0 +1,77 @@
+"""The query ring: the last W decode queries of the requests about to compact, per layer.
+
+Written inside the decode CUDA graph (RadixAttention hook), so its buffers are allocated before capture and
+never reallocated. Rows are lent only to requests within W tokens of their compaction trigger, which keeps the
+ring small: a request needing a row holds at least budget + interval - W private KV tokens, so
+pool_tokens / (budget + interval - W) rows always suffice for requests at the server's budget.
+Row 0 is a trash row: padded graph entries and requests without a row write there.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def rows_for_pool(pool_tokens: int, budget: int, interval: int, window: int) -> int:
+    return math.ceil(pool_tokens / max(1, budget + interval - window)) + 1
+
+
+def bytes_per_row(num_layers: int, window: int, num_q_heads: int, head_dim: int, elem_bytes: int) -> int:
+    return num_layers * window * num_q_heads * head_dim * elem_bytes
+
+
+def kv_fraction(window: int, group_size: int, budget: int, interval: int) -> float:
+    """Ring bytes as a fraction of the KV pool bytes when sized by rows_for_pool."""
+    return window * group_size / (2.0 * max(1, budget + interval - window))
+
+
+class QueryRing:
+    def __init__(self, num_layers: int, rows: int, window: int, num_q_heads: int, head_dim: int,
+                 req_slots: int, dtype: torch.dtype, device):
+        self.window = window
+        self.buf = torch.zeros(num_layers, rows + 1, window, num_q_heads, head_dim, dtype=dtype, device=device)
+        self.row_of = torch.zeros(req_slots, dtype=torch.int64, device=device)   # req_pool_idx -> ring row
+        self._free = list(range(rows, 0, -1))
+
+    @property
+    def rows(self) -> int:
+        return self.buf.shape[1] - 1
+
+    @property
+    def free_rows(self) -> int:
+        return len(self._free)
+
+    def nbytes(self) -> int:
+        return self.buf.numel() * self.buf.element_size() + self.row_of.numel() * 8
+
+    # --- inside the graph ---
+    def write(self, layer: int, q: torch.Tensor, req_pool_indices: torch.Tensor, positions: torch.Tensor) -> None:
+        """Store the decode queries of one layer (graph-capturable: tensor ops only, fixed addresses)."""
+        rows = self.row_of[req_pool_indices]
+        slots = positions % self.window
+        heads, dim = self.buf.shape[3], self.buf.shape[4]
+        self.buf[layer][rows, slots] = q.reshape(-1, heads, dim).to(self.buf.dtype)
+
+    # --- scheduler side ---
+    def acquire(self, req_pool_idx: int) -> int:
+        if not self._free:
+            return 0
+        row = self._free.pop()
+        self.row_of[req_pool_idx] = row
+        return row
+
+    def release(self, req_pool_idx: int, row: int) -> None:
+        if row:
+            self.row_of[req_pool_idx] = 0
+            self._free.append(row)
+
+    def window_queries(self, rows: torch.Tensor, newest_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries [N, L, Hq, W, d] oldest first, and their logical positions [N, W]."""
+        w = self.window
+        query_pos = newest_pos[:, None] - (w - 1) + torch.arange(w, device=newest_pos.device)[None, :]
+        slots = query_pos % w                                                  # [N, W]
+        per_req = self.buf[:, rows]                                            # [L, N, W, Hq, d]
+        idx = slots[None, :, :, None, None].expand(per_req.shape[0], -1, -1, *per_req.shape[3:])
+        ordered = torch.gather(per_req, 2, idx)
+        return ordered.permute(1, 0, 3, 2, 4).contiguous(), query_pos

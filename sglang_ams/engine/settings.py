@@ -1,0 +1,78 @@
+"""Server-level settings of the plugin: the policy plus the few knobs that only the engine has.
+
+They travel from the launching process to the scheduler processes twice: attached to ServerArgs (pickled with
+it) and as JSON in the environment variable AMS_KV_CONFIG, which a scheduler reads before SGLang hands it the
+ServerArgs (hooks are registered at process start).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+from ..config import EXTERNAL_NAMES, ConfigError, PolicyConfig
+
+ENV_VAR = "AMS_KV_CONFIG"
+PROMPT_CACHE_MODES = ("private", "cached")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSettings:
+    policy: PolicyConfig = PolicyConfig()
+    prompt_cache: str = "private"   # "cached": the prompt goes into the radix tree (pinned); "private": compressible
+    ring_rows: int = 0              # query-ring rows; 0 = sized from the KV pool
+    debug_checks: bool = False      # assert bookkeeping invariants after every compaction (slow)
+
+    def __post_init__(self):
+        if self.prompt_cache not in PROMPT_CACHE_MODES:
+            raise ConfigError("ams_prompt_cache", self.prompt_cache, "one of " + ", ".join(PROMPT_CACHE_MODES))
+        if not isinstance(self.ring_rows, int) or isinstance(self.ring_rows, bool) or self.ring_rows < 0:
+            raise ConfigError("ams_ring_rows", self.ring_rows, "an integer >= 0 (0 = automatic)")
+        if not isinstance(self.debug_checks, bool):
+            raise ConfigError("ams_debug_checks", self.debug_checks, "true or false")
+
+    @property
+    def enabled(self) -> bool:
+        return self.policy.enabled
+
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        return json.dumps(d, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "EngineSettings":
+        d = json.loads(text)
+        return cls(policy=PolicyConfig(**d.pop("policy")), **d)
+
+
+ENGINE_NAMES = {"prompt_cache": "ams_prompt_cache", "ring_rows": "ams_ring_rows", "debug_checks": "ams_debug_checks"}
+ALL_NAMES = tuple(EXTERNAL_NAMES.values()) + tuple(ENGINE_NAMES.values())
+
+
+def from_user_values(values: Mapping[str, Any]) -> EngineSettings:
+    """Build settings from user-facing names (Engine kwargs / parsed CLI flags); validates everything."""
+    policy_names = {v: k for k, v in EXTERNAL_NAMES.items()}
+    engine_names = {v: k for k, v in ENGINE_NAMES.items()}
+    policy, engine = {}, {}
+    for key, value in values.items():
+        if key in policy_names:
+            policy[policy_names[key]] = value
+        elif key in engine_names:
+            engine[engine_names[key]] = value
+        else:
+            raise ConfigError(key, value, "not a sglang-ams setting")
+    return EngineSettings(policy=PolicyConfig(**policy), **engine)
+
+
+def publish(settings: EngineSettings | None) -> None:
+    """Make the settings visible to child processes spawned after this call (the schedulers)."""
+    if settings is None or not settings.enabled:
+        os.environ.pop(ENV_VAR, None)
+    else:
+        os.environ[ENV_VAR] = settings.to_json()
+
+
+def from_environment() -> EngineSettings | None:
+    text = os.environ.get(ENV_VAR)
+    return EngineSettings.from_json(text) if text else None
