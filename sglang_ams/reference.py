@@ -1,0 +1,324 @@
+"""The CPU reference decode loop: greedy generation on HF transformers with a KV policy applied to the cache.
+
+This is the oracle the SGLang path is compared with, so it favours exactness over speed:
+  * with policy "none" (or a budget no request reaches) it runs exactly the forwards `model.generate(do_sample=False)`
+    runs (same inputs, same cache class, same masks), so its tokens are identical;
+  * compaction follows DESIGN.md §2-§4: it runs between decode steps, once the physical KV length reaches
+    budget + interval and (for policies that read queries) at least W decode steps happened since prefill or the
+    last compaction; every (layer, KV head) keeps `budget` tokens in composite slots (head h's j-th kept token in
+    slot j), and the AMS credit moves with its tokens;
+  * positions stay logical: each new token gets position_ids = its logical position while the cache holds fewer
+    physical entries. transformers 5.12 sizes the causal mask from the cache's physical length (there is no
+    cache_position any more), so the attention mask we pass is physical length + new tokens long.
+
+Window queries are captured by running the model under a recording attention function registered in transformers'
+AttentionInterface (and the matching mask function in AttentionMaskInterface): it stores the post-RoPE query of
+every layer at each decode step into a ring, then calls the model's own sdpa/eager attention unchanged. The model's
+`config._attn_implementation` is switched for the duration of the call and restored after, so do not run two
+reference loops on the same model object concurrently.
+
+Batch 1: one prompt per call.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+from typing import Iterable, Sequence
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+from .compaction import gather_kept, plan, scorer_for
+from .config import PolicyConfig
+from .rope import rope_from_hf_model
+from .scorers.base import RopeSpec, ScoreInputs
+from .selection import keep_count, pinned_count
+
+
+@dataclasses.dataclass
+class Compaction:
+    """One compaction: when it ran and what every (layer, KV head) kept."""
+    step: int                  # decode forwards done when it ran (it acts right before the next one)
+    logical_length: int        # tokens in the sequence so far (prompt + fed decode tokens)
+    physical_before: int       # KV entries per head before; afterwards there are `kept.shape[-1]`
+    kept: torch.Tensor         # [L, H, K] int64 LOGICAL positions kept, ascending per (layer, head)
+
+
+@dataclasses.dataclass
+class ReferenceResult:
+    prompt_length: int
+    token_ids: list[int]       # generated tokens (the eos that stopped generation included, as generate() does)
+    text: str | None           # decoded token_ids (skip_special_tokens) when a tokenizer was given
+    compactions: list[Compaction]
+    kv_lengths: list[int]      # physical KV length per head after each forward (prefill first)
+    decode_positions: list[int]  # logical position_ids given to each decode forward
+
+    @property
+    def num_compactions(self) -> int:
+        return len(self.compactions)
+
+    @property
+    def kept_indices(self) -> list[torch.Tensor]:
+        return [c.kept for c in self.compactions]
+
+    @property
+    def peak_kv_length(self) -> int:
+        return max(self.kv_lengths)
+
+    @property
+    def final_kv_length(self) -> int:
+        # Compaction only runs right before a forward, so the last forward's length is the final one.
+        return self.kv_lengths[-1]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Query capture
+
+_RECORDING = "sglang_ams_recording_"      # + the model's own implementation (sdpa, eager, ...)
+_RING_KWARG = "sglang_ams_query_ring"
+
+
+class _QueryRing:
+    """The last W decode queries of every layer: [L, Hq, W, d], slot = decode step mod W."""
+
+    def __init__(self, num_layers: int, num_q_heads: int, window: int, head_dim: int, dtype: torch.dtype):
+        self.buf = torch.zeros(num_layers, num_q_heads, window, head_dim, dtype=dtype)
+        self.window = window
+        self.steps = 0             # decode steps recorded in total
+
+    def write(self, layer: int, query: torch.Tensor) -> None:
+        # query [1, Hq, 1, d] post-RoPE, as the attention function receives it.
+        self.buf[layer, :, self.steps % self.window] = query[0, :, -1]
+
+    def advance(self) -> None:
+        self.steps += 1
+
+    def ordered(self) -> torch.Tensor:
+        """[L, Hq, W, d], oldest first and newest last (the ScoreInputs order)."""
+        return torch.roll(self.buf, shifts=-(self.steps % self.window), dims=2)
+
+
+def _base_attention(base: str, module):
+    if base in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[base]
+    # "eager" is not in the registry: each model file defines its own eager_attention_forward.
+    return sys.modules[type(module).__module__].eager_attention_forward
+
+
+def _recording_attention(module, query, key, value, attention_mask, **kwargs):
+    ring = kwargs.pop(_RING_KWARG, None)
+    if ring is not None:
+        ring.write(module.layer_idx, query)
+    base = module.config._attn_implementation[len(_RECORDING):]
+    return _base_attention(base, module)(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register_recording(base: str) -> str:
+    name = _RECORDING + base
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, _recording_attention)
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    return name
+
+
+@contextlib.contextmanager
+def _recording_queries(model):
+    config = model.config
+    original = config._attn_implementation
+    base = original or "eager"
+    if base.startswith(_RECORDING):
+        raise RuntimeError("a reference loop is already running on this model object")
+    if base not in ("sdpa", "eager"):
+        raise ValueError(f"the reference loop supports sdpa and eager attention, not {base!r}")
+    config._attn_implementation = _register_recording(base)
+    try:
+        yield
+    finally:
+        config._attn_implementation = original
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The KV cache seen as [1, L, H, T, d] with logical positions per slot
+
+class _CompactedCache:
+    """A DynamicCache plus what compaction needs to know about it: the logical position held by every
+    (layer, head, slot) and the AMS credit carried by the kept tokens."""
+
+    def __init__(self, model, num_layers: int, num_kv_heads: int):
+        self.cache = DynamicCache(config=model.config)
+        odd = [type(layer).__name__ for layer in self.cache.layers if type(layer) is not DynamicLayer]
+        if odd:
+            raise ValueError(f"the reference loop needs full-attention layers only; this model's cache has {odd}")
+        self.positions = torch.zeros(num_layers, num_kv_heads, 0, dtype=torch.long)
+        self.credit: torch.Tensor | None = None       # [1, L, H, K] from the last compaction
+
+    @property
+    def physical_length(self) -> int:
+        return self.cache.get_seq_length()
+
+    def appended(self, logical_positions: torch.Tensor) -> None:
+        """Record the logical positions of tokens a forward just appended (same for every layer and head)."""
+        nl, h, _ = self.positions.shape
+        new = logical_positions.view(1, 1, -1).expand(nl, h, -1)
+        self.positions = torch.cat([self.positions, new], dim=-1)
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = torch.stack([layer.keys for layer in self.cache.layers], dim=1)      # [1, L, H, T, d]
+        values = torch.stack([layer.values for layer in self.cache.layers], dim=1)
+        return keys, values
+
+    def credit_for(self, length: int) -> torch.Tensor | None:
+        """Carried credit aligned with the current slots: new tokens start at 0."""
+        if self.credit is None:
+            return None
+        return torch.nn.functional.pad(self.credit, (0, length - self.credit.shape[-1]))
+
+    def keep(self, indices: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+             credit: torch.Tensor | None) -> None:
+        """Replace the cache by the kept tokens: indices [1, L, H, K] physical slots, ascending."""
+        kept_k, kept_v = gather_kept(keys, indices), gather_kept(values, indices)
+        for layer_idx, layer in enumerate(self.cache.layers):
+            layer.keys = kept_k[:, layer_idx].contiguous()
+            layer.values = kept_v[:, layer_idx].contiguous()
+        self.positions = self.positions.gather(-1, indices[0])
+        self.credit = credit
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The loop
+
+def _model_shape(model) -> tuple[int, int, int, int]:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, head_dim
+
+
+def _attention_scale(model) -> float | None:
+    for module in model.modules():
+        if hasattr(module, "scaling") and hasattr(module, "layer_idx"):
+            return float(module.scaling)
+    return None
+
+
+def _eos_ids(model, eos_token_ids) -> set[int]:
+    if eos_token_ids is None:
+        eos_token_ids = getattr(model.generation_config, "eos_token_id", None)
+    if eos_token_ids is None:
+        return set()
+    if isinstance(eos_token_ids, int):
+        return {eos_token_ids}
+    return {int(t) for t in eos_token_ids}
+
+
+def _prompt_tensor(input_ids) -> torch.Tensor:
+    ids = torch.as_tensor(input_ids, dtype=torch.long)
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2 or ids.shape[0] != 1:
+        raise ValueError(f"one prompt at a time: input_ids must be [T] or [1, T], got {tuple(ids.shape)}")
+    return ids
+
+
+class _Compactor:
+    """Builds ScoreInputs from the cache and the query ring, plans, and rewrites the cache."""
+
+    def __init__(self, model, cfg: PolicyConfig):
+        self.cfg = cfg
+        self.scorer = scorer_for(cfg)
+        self.rope: RopeSpec = rope_from_hf_model(model)
+        self.scale = _attention_scale(model)
+        zero = torch.zeros(1, dtype=torch.long)     # no radix-shared prefix in the reference loop
+        self.n_pinned = pinned_count(zero, cfg.sink)
+        self.n_keep = keep_count(zero, cfg.budget)
+
+    def due(self, kv: _CompactedCache, ring: _QueryRing | None, steps_since: int) -> bool:
+        if kv.physical_length < self.cfg.cap:
+            return False
+        return ring is None or steps_since >= ring.window
+
+    def run(self, kv: _CompactedCache, ring: _QueryRing | None, logical_length: int) -> torch.Tensor:
+        keys, values = kv.stacked()
+        length = keys.shape[3]
+        w = self.cfg.window
+        inputs = ScoreInputs(
+            keys=keys, values=values, lengths=torch.tensor([length]),
+            queries=None if ring is None else ring.ordered()[None],
+            query_pos=torch.arange(logical_length - w, logical_length)[None],
+            rope=self.rope, scale=self.scale)
+        selection = plan(self.cfg, self.scorer, inputs, self.n_pinned, self.n_keep,
+                         credit=kv.credit_for(length), k_max=self.cfg.budget)
+        k = int(selection.n_keep[0])
+        indices = selection.indices[..., :k]
+        credit = None if selection.credit is None else selection.credit[..., :k]
+        kv.keep(indices, keys, values, credit)
+        return kv.positions.clone()
+
+
+def _forward(model, kv: _CompactedCache, tokens: torch.Tensor, positions: torch.Tensor, ring):
+    extra = {} if ring is None else {_RING_KWARG: ring}
+    mask = torch.ones(1, kv.physical_length + tokens.shape[1], dtype=torch.long)
+    out = model(input_ids=tokens, position_ids=positions[None], attention_mask=mask,
+                past_key_values=kv.cache, use_cache=True, logits_to_keep=1, **extra)
+    kv.appended(positions)
+    return int(out.logits[0, -1].float().argmax())
+
+
+@torch.inference_mode()
+def generate_reference(model, input_ids: Sequence[int] | torch.Tensor, cfg: PolicyConfig,
+                       max_new_tokens: int, tokenizer=None,
+                       eos_token_ids: int | Iterable[int] | None = None,
+                       forced_tokens: Sequence[int] = ()) -> ReferenceResult:
+    """Greedy generation of one prompt under a KV policy.
+
+    eos_token_ids: generation stops after emitting one of these (default: model.generation_config's, like
+    generate()); pass () to always produce max_new_tokens.
+    forced_tokens: fed one per decode step, in place of the model's choice, before greedy generation starts
+    (teacher forcing an answer prefix). They count as decode steps, so compaction can run before the model answers;
+    they are not part of token_ids.
+    """
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    prompt = _prompt_tensor(input_ids).to(model.device)
+    eos = _eos_ids(model, eos_token_ids)
+    num_layers, num_q_heads, num_kv_heads, head_dim = _model_shape(model)
+    kv = _CompactedCache(model, num_layers, num_kv_heads)
+    compactor = _Compactor(model, cfg) if cfg.enabled else None
+    ring = _QueryRing(num_layers, num_q_heads, cfg.window, head_dim, model.dtype) \
+        if compactor is not None and cfg.needs_queries else None
+
+    generated: list[int] = []
+    compactions: list[Compaction] = []
+    decode_positions: list[int] = []
+    forced = [int(t) for t in forced_tokens]
+    logical = prompt.shape[1]
+    steps_since = 0
+
+    with _recording_queries(model):
+        predicted = _forward(model, kv, prompt, torch.arange(logical), None)
+        kv_lengths = [kv.physical_length]
+        while True:
+            if forced:
+                token = forced.pop(0)
+            else:
+                token = predicted
+                generated.append(token)
+                if len(generated) >= max_new_tokens or token in eos:
+                    break
+            if compactor is not None and compactor.due(kv, ring, steps_since):
+                before = kv.physical_length
+                kept = compactor.run(kv, ring, logical)
+                compactions.append(Compaction(len(decode_positions), logical, before, kept))
+                steps_since = 0
+            decode_positions.append(logical)
+            predicted = _forward(model, kv, torch.tensor([[token]]), torch.tensor([logical]), ring)
+            kv_lengths.append(kv.physical_length)
+            if ring is not None:
+                ring.advance()
+            logical += 1
+            steps_since += 1
+
+    text = tokenizer.decode(generated, skip_special_tokens=True) if tokenizer is not None else None
+    return ReferenceResult(prompt.shape[1], generated, text, compactions, kv_lengths, decode_positions)
