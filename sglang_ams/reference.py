@@ -84,8 +84,9 @@ _RING_KWARG = "sglang_ams_query_ring"
 class _QueryRing:
     """The last W decode queries of every layer: [L, Hq, W, d], slot = decode step mod W."""
 
-    def __init__(self, num_layers: int, num_q_heads: int, window: int, head_dim: int, dtype: torch.dtype):
-        self.buf = torch.zeros(num_layers, num_q_heads, window, head_dim, dtype=dtype)
+    def __init__(self, num_layers: int, num_q_heads: int, window: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        self.buf = torch.zeros(num_layers, num_q_heads, window, head_dim, dtype=dtype, device=device)
         self.window = window
         self.steps = 0             # decode steps recorded in total
 
@@ -149,10 +150,11 @@ class _CompactedCache:
 
     def __init__(self, model, num_layers: int, num_kv_heads: int):
         self.cache = DynamicCache(config=model.config)
+        self.device = model.device
         odd = [type(layer).__name__ for layer in self.cache.layers if type(layer) is not DynamicLayer]
         if odd:
             raise ValueError(f"the reference loop needs full-attention layers only; this model's cache has {odd}")
-        self.positions = torch.zeros(num_layers, num_kv_heads, 0, dtype=torch.long)
+        self.positions = torch.zeros(num_layers, num_kv_heads, 0, dtype=torch.long, device=model.device)
         self.credit: torch.Tensor | None = None       # [1, L, H, K] from the last compaction
 
     @property
@@ -230,7 +232,8 @@ class _Compactor:
         self.scorer = scorer_for(cfg)
         self.rope: RopeSpec = rope_from_hf_model(model)
         self.scale = _attention_scale(model)
-        zero = torch.zeros(1, dtype=torch.long)     # no radix-shared prefix in the reference loop
+        self.device = model.device
+        zero = torch.zeros(1, dtype=torch.long, device=self.device)     # no radix-shared prefix here
         self.n_pinned = pinned_count(zero, cfg.sink)
         self.n_keep = keep_count(zero, cfg.budget)
 
@@ -244,9 +247,9 @@ class _Compactor:
         length = keys.shape[3]
         w = self.cfg.window
         inputs = ScoreInputs(
-            keys=keys, values=values, lengths=torch.tensor([length]),
+            keys=keys, values=values, lengths=torch.tensor([length], device=self.device),
             queries=None if ring is None else ring.ordered()[None],
-            query_pos=torch.arange(logical_length - w, logical_length)[None],
+            query_pos=torch.arange(logical_length - w, logical_length, device=self.device)[None],
             rope=self.rope, scale=self.scale)
         selection = plan(self.cfg, self.scorer, inputs, self.n_pinned, self.n_keep,
                          credit=kv.credit_for(length), k_max=self.cfg.budget)
@@ -254,12 +257,12 @@ class _Compactor:
         indices = selection.indices[..., :k]
         credit = None if selection.credit is None else selection.credit[..., :k]
         kv.keep(indices, keys, values, credit)
-        return kv.positions.clone()
+        return kv.positions.cpu()
 
 
 def _forward(model, kv: _CompactedCache, tokens: torch.Tensor, positions: torch.Tensor, ring):
     extra = {} if ring is None else {_RING_KWARG: ring}
-    mask = torch.ones(1, kv.physical_length + tokens.shape[1], dtype=torch.long)
+    mask = torch.ones(1, kv.physical_length + tokens.shape[1], dtype=torch.long, device=kv.device)
     out = model(input_ids=tokens, position_ids=positions[None], attention_mask=mask,
                 past_key_values=kv.cache, use_cache=True, logits_to_keep=1, **extra)
     kv.appended(positions)
@@ -281,12 +284,13 @@ def generate_reference(model, input_ids: Sequence[int] | torch.Tensor, cfg: Poli
     """
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
-    prompt = _prompt_tensor(input_ids).to(model.device)
+    device = model.device
+    prompt = _prompt_tensor(input_ids).to(device)
     eos = _eos_ids(model, eos_token_ids)
     num_layers, num_q_heads, num_kv_heads, head_dim = _model_shape(model)
     kv = _CompactedCache(model, num_layers, num_kv_heads)
     compactor = _Compactor(model, cfg) if cfg.enabled else None
-    ring = _QueryRing(num_layers, num_q_heads, cfg.window, head_dim, model.dtype) \
+    ring = _QueryRing(num_layers, num_q_heads, cfg.window, head_dim, model.dtype, device) \
         if compactor is not None and cfg.needs_queries else None
 
     generated: list[int] = []
@@ -297,7 +301,7 @@ def generate_reference(model, input_ids: Sequence[int] | torch.Tensor, cfg: Poli
     steps_since = 0
 
     with _recording_queries(model):
-        predicted = _forward(model, kv, prompt, torch.arange(logical), None)
+        predicted = _forward(model, kv, prompt, torch.arange(logical, device=device), None)
         kv_lengths = [kv.physical_length]
         while True:
             if forced:
@@ -313,7 +317,8 @@ def generate_reference(model, input_ids: Sequence[int] | torch.Tensor, cfg: Poli
                 compactions.append(Compaction(len(decode_positions), logical, before, kept))
                 steps_since = 0
             decode_positions.append(logical)
-            predicted = _forward(model, kv, torch.tensor([[token]]), torch.tensor([logical]), ring)
+            predicted = _forward(model, kv, torch.tensor([[token]], device=device),
+                                 torch.tensor([logical], device=device), ring)
             kv_lengths.append(kv.physical_length)
             if ring is not None:
                 ring.advance()

@@ -35,6 +35,10 @@ MIN_DECODE_STEPS = 2
 
 
 def needs_attention(cfg: PolicyConfig) -> bool:
+    """Whether the window-attention kernel runs: only policies that collect queries (streaming and top-k of
+    a key-only scorer do not, even when the server's default scorer reads attention)."""
+    if not cfg.needs_queries:
+        return False
     return cfg.scorer in ATTENTION_SCORERS or (cfg.policy == "ams" and cfg.use_mass)
 
 

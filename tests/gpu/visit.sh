@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# One GPU visit, in phases (each device command runs at most 10 minutes, so a visit is several calls):
+#   run 1:  bash .gpu/sglang-kit/c1/unpack.sh && bash tests/gpu/visit.sh stash          (carry c1, m0)
+#   run 2:  bash .gpu/sglang-kit/c2/unpack.sh && bash tests/gpu/visit.sh stash          (carry c2, m1, tools, jit)
+#   run 3+: bash tests/gpu/visit.sh setup kernels bench e2e savejit ...                   (carry m2, plugin, data)
+# Phases:
+#   stash    keep the GGUF parts carried in .gpu/m*/ under /tmp/gguf (lost when the machine goes cold)
+#   setup    install the plugin wheel into the kit's site, join and convert the GGUF into /tmp/smollm2
+#   kernels  the `gpu` kernel tests;  bench: benchmarks/kernels.py --quick (JSON to $OUT)
+#   e2e      tests/gpu/engine_e2e.py on the real model ($E2E_ARGS adds arguments, e.g. --only a)
+#   savejit  the JIT caches into $OUT/jit for the next visit
+# Prints a summary last; details go under $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/visit-out}; mkdir -p "$OUT"
+source .gpu/sglang-kit/tools/env.sh
+SUMMARY=()
+say() { SUMMARY+=("$*"); echo "### $*"; }
+
+for phase in "$@"; do
+  t0=$(date +%s)
+  case $phase in
+  stash)
+    mkdir -p /tmp/gguf && cp .gpu/m*/part* /tmp/gguf/ 2>/dev/null; say "stash: $(ls /tmp/gguf | tr '\n' ' ')";;
+  setup)
+    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .gpu/plugin/*.whl \
+      > "$OUT/pip.log" 2>&1 || { cat "$OUT/pip.log"; exit 1; }
+    cp .gpu/m*/part* /tmp/gguf/ 2>/dev/null
+    if [ ! -f /tmp/smollm2/config.json ]; then
+      cat /tmp/gguf/part0 /tmp/gguf/part1 /tmp/gguf/part2 > /tmp/smollm2.gguf
+      echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  /tmp/smollm2.gguf" | sha256sum -c - \
+        || { say "setup: GGUF checksum FAILED"; exit 1; }
+      python3 -c "from pathlib import Path; from sglang_ams.models import _convert; _convert(Path('/tmp/smollm2.gguf'), Path('/tmp/smollm2'))" \
+        > "$OUT/convert.log" 2>&1 || { tail -20 "$OUT/convert.log"; exit 1; }
+    fi
+    say "setup: plugin $(python3 -c 'import importlib.metadata as m; print(m.version("sglang-ams"))'), model $(ls /tmp/smollm2 | tr '\n' ' ')";;
+  kernels)
+    (cd tests && python3 -m pytest -q -m gpu -p no:cacheprovider --rootdir=. test_kernels.py) > "$OUT/kernel-tests.log" 2>&1
+    say "kernels: $(tail -1 "$OUT/kernel-tests.log")";;
+  bench)
+    python3 benchmarks/kernels.py --quick --out "$OUT/kernels.json" > "$OUT/kernels-bench.log" 2>&1
+    say "bench: rc $? ($(wc -l < "$OUT/kernels-bench.log") lines)"; tail -40 "$OUT/kernels-bench.log";;
+  e2e)
+    python3 tests/gpu/engine_e2e.py --model /tmp/smollm2 --data .gpu/data --out "$OUT/e2e" ${E2E_ARGS:-} \
+      > "$OUT/e2e.log" 2>&1
+    rc=$?; grep "^###" "$OUT/e2e.log" | tail -20; [ $rc -ne 0 ] && tail -60 "$OUT/e2e.log"
+    say "e2e: rc $rc";;
+  savejit)
+    bash .gpu/sglang-kit/tools/jit-cache.sh save "$OUT/jit" > "$OUT/jit.log" 2>&1; say "savejit: $(ls "$OUT/jit" | tr '\n' ' ')";;
+  *) echo "unknown phase $phase"; exit 2;;
+  esac
+  say "  ($phase took $(( $(date +%s) - t0 )) s)"
+done
+echo "================ visit summary"
+printf ' - %s\n' "${SUMMARY[@]}"
