@@ -9,8 +9,9 @@ MIN_DECODE_STEPS = 2   # see compactor.MIN_DECODE_STEPS
 
 
 def lead_tokens(cfg: PolicyConfig) -> int:
-    """Tokens a request may decode past its trigger before it can compact (it needs a full query window)."""
-    return max(cfg.window, MIN_DECODE_STEPS) if cfg.needs_queries else MIN_DECODE_STEPS
+    """Tokens a request may decode past its trigger before it can compact: MIN_DECODE_STEPS steps before it may
+    take a query-ring row, then a full window of queries written after that (the two add up, they don't overlap)."""
+    return cfg.window + MIN_DECODE_STEPS if cfg.needs_queries else MIN_DECODE_STEPS
 
 
 def cap(pinned_prefix: int, cfg: PolicyConfig) -> int:
