@@ -118,8 +118,19 @@ def report_decode_stats_hook(result, self, *args, **kwargs):
     return result
 
 
+def internal_state_hook(result, self, *args, **kwargs):
+    """The counters in /get_server_info and Engine.get_server_info() (internal_states[i]["sglang_ams"])."""
+    rt = ams_runtime.get()
+    if rt is not None and isinstance(getattr(result, "internal_state", None), dict):
+        p = rt.settings.policy
+        result.internal_state["sglang_ams"] = {**rt.counters.snapshot(), "policy": p.policy, "scorer": p.scorer,
+                                               "budget": p.budget, "interval": p.interval}
+    return result
+
+
 HOOKS = [
     (SCHEDULER + ".__init__", init_hook, "after"),
+    (SCHEDULER + ".get_internal_state", internal_state_hook, "after"),
     (SCHEDULER + ".update_running_batch", update_running_batch_hook, "around"),
     (REPORTER + ".report_decode_stats", report_decode_stats_hook, "after"),
 ]
