@@ -347,10 +347,11 @@ def main():
             m = servers["ams-huge"].metrics()
             note(f"(a) budget >= request: {same}/{len(prompts)} outputs identical to --kv-policy none "
                  f"(compactions: {m.get('sglang_ams:compactions_total', 0):.0f})")
-        if "b" in parts:
-            for name in ("ams-p1", "ams-p16"):
+        if "b" in parts or "t" in parts:
+            mixed = [n for n in ("ams-p1", "ams-p16", "ams-tight") if n in servers]
+            for name in mixed:
                 openai_overrides(servers[name])
-            for name in [n for n in ("ams-p1", "ams-p16", "ams-tight") if n in servers]:
+            for name in mixed:
                 s = servers[name]
                 reqs = mixed_requests(tok, gsm, train, essays, a.requests, seed=hash(name) % 1000)
                 t1 = time.time()
@@ -371,6 +372,7 @@ def main():
                      f"error lines: {len(bad_lines)}; compactions {m.get('sglang_ams:compactions_total', 0):.0f}, "
                      f"tokens freed {m.get('sglang_ams:tokens_freed_total', 0):.0f}, "
                      f"kept ratio {m.get('sglang_ams:kept_ratio', 0):.3f}; log lines mentioning retraction: {retracted}")
+        if "b" in parts:
             for name in ("none", "ams-p1", "ams-p16"):
                 same, first = prefix_sharing(servers[name], tok, train, gsm, 8, 160)
                 DETAILS[f"prefix-{name}"] = first

@@ -8,6 +8,7 @@
 #   setup    install the plugin wheel into the kit's site, join and convert the GGUF into /tmp/smollm2
 #   kernels  the `gpu` kernel tests;  bench: benchmarks/kernels.py --quick (JSON to $OUT)
 #   e2e      tests/gpu/engine_e2e.py on the real model ($E2E_ARGS adds arguments, e.g. --only a)
+#   examples examples/offline_engine.py and examples/frontend_programs.py against a policy server
 #   savejit  the JIT caches into $OUT/jit for the next visit
 # Prints a summary last; details go under $OUT.
 set -uo pipefail
@@ -45,6 +46,16 @@ for phase in "$@"; do
       > "$OUT/e2e.log" 2>&1
     rc=$?; grep "^###" "$OUT/e2e.log" | tail -20; [ $rc -ne 0 ] && tail -60 "$OUT/e2e.log"
     say "e2e: rc $rc";;
+  examples)
+    python3 examples/offline_engine.py --model-path /tmp/smollm2 --budget 128 --interval 32 --max-new-tokens 400 \
+      --mem-fraction-static 0.2 > "$OUT/example-offline.log" 2>&1
+    say "examples: offline_engine rc $?"; grep -E "^\[|^scheduler" "$OUT/example-offline.log" | tail -10
+    (cd /tmp && setsid python3 -m sglang.launch_server --model-path /tmp/smollm2 --kv-policy ams --kv-budget 128 \
+      --kv-interval 32 --port 30400 --mem-fraction-static 0.2 > "$OUT/example-server.log" 2>&1 &)
+    python3 .gpu/sglang-kit/tools/bench.py wait --port 30400 --timeout 300 > /dev/null 2>&1
+    python3 examples/frontend_programs.py --url http://127.0.0.1:30400 --max-tokens 400 > "$OUT/example-frontend.log" 2>&1
+    say "examples: frontend_programs rc $?"; tail -8 "$OUT/example-frontend.log"
+    pkill -f "port 30400" ; sleep 3;;
   savejit)
     bash .gpu/sglang-kit/tools/jit-cache.sh save "$OUT/jit" > "$OUT/jit.log" 2>&1; say "savejit: $(ls "$OUT/jit" | tr '\n' ' ')";;
   *) echo "unknown phase $phase"; exit 2;;
