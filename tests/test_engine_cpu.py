@@ -1,0 +1,733 @@
+"""The compaction step's bookkeeping against real SGLang 0.5.17 objects on CPU (Triton under TRITON_INTERPRET).
+
+Real SGLang objects: MHATokenToKVPool, ReqToTokenPool, TokenToKVPoolAllocator / PagedTokenToKVPoolAllocator,
+RadixCache (holds the pinned prefixes), Req, ScheduleBatch, and SGLang's own `prepare_for_decode` (allocates the
+next decode slot and bumps every length) and `release_kv_cache`. Stand-ins, only where SGLang needs a model:
+`model_config` / `sampling_info` on the batch (prepare_for_decode reads one flag of each), the ForwardBatch and
+attention layer handed to our forward / ring hooks, and the model itself (random K/V and queries, never zeros).
+
+The loop each test drives is the scheduler's: Compactor.step (what our update_running_batch hook runs), then
+prepare_for_decode, then a "forward" that writes the new token's K/V, records its query in the ring through the
+RadixAttention hook (positions through the ForwardBatch hook) and appends an output token. Every compaction is
+checked the same way (`check_compaction`): moved data, untouched bytes, freed slots, lengths, offsets.
+"""
+from __future__ import annotations
+
+import dataclasses
+from array import array
+from types import SimpleNamespace
+from typing import NamedTuple
+
+import pytest
+import torch
+
+pytest.importorskip("sglang.srt.mem_cache.memory_pool")
+
+from sglang.srt.managers.schedule_batch import Req, ReqKvInfo, ScheduleBatch  # noqa: E402
+from sglang.srt.mem_cache import common as sgl_common  # noqa: E402
+from sglang.srt.mem_cache.allocator import PagedTokenToKVPoolAllocator, TokenToKVPoolAllocator  # noqa: E402
+from sglang.srt.mem_cache.base_prefix_cache import InsertParams, MatchPrefixParams  # noqa: E402
+from sglang.srt.mem_cache.cache_init_params import CacheInitParams  # noqa: E402
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool  # noqa: E402
+from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey  # noqa: E402
+from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E402
+from sglang.srt.runtime_context import get_context  # noqa: E402
+from sglang.srt.sampling.sampling_params import SamplingParams  # noqa: E402
+from sglang.srt.speculative.spec_info import SpeculativeAlgorithm  # noqa: E402
+
+from sglang_ams.compaction import gather_kept, plan, scorer_for  # noqa: E402
+from sglang_ams.config import PolicyConfig  # noqa: E402
+from sglang_ams.engine import admission, request_state  # noqa: E402
+from sglang_ams.engine import compactor as compactor_mod  # noqa: E402
+from sglang_ams.engine import runtime as ams_runtime  # noqa: E402
+from sglang_ams.engine.compactor import Compactor, needs_attention  # noqa: E402
+from sglang_ams.engine.settings import ENV_VAR, EngineSettings  # noqa: E402
+from sglang_ams.patches import forward_batch as fb_hooks  # noqa: E402
+from sglang_ams.patches import mem_cache as mem_hooks  # noqa: E402
+from sglang_ams.patches import radix_attention as attn_hooks  # noqa: E402
+from sglang_ams.patches import schedule_batch as batch_hooks  # noqa: E402
+from sglang_ams.patches import schedule_policy as policy_hooks  # noqa: E402
+from sglang_ams.rope import inv_freq_from_config  # noqa: E402
+from sglang_ams.scorers.base import RopeSpec, ScoreInputs  # noqa: E402
+from sglang_ams.window_attention import window_attention  # noqa: E402
+
+# The interpreter converts 1-element arrays to ints in range() bounds (a numpy deprecation, not ours).
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+
+LAYERS, KV_HEADS, Q_HEADS, HEAD_DIM = 2, 2, 4, 32          # GQA group 2
+POOL_TOKENS = 1024
+# Small numbers so a few dozen decode steps reach two compactions: cap = prefix + 40 + 16, ring from cap - 8.
+CFG = PolicyConfig(policy="ams", scorer="snapkv", budget=40, interval=16, window=8, sink=4, keep_lastn=8,
+                   delta=0.1, lmin=4, lmax=32, qmin=2, pool_kernel=3)
+SHARED = list(range(1000, 1032))     # a 32-token prompt prefix that sits in the radix tree (two 16-token pages)
+
+
+# ---------------------------------------------------------------------------------------------- environment
+
+class Item(NamedTuple):
+    """A request of a compaction group, as the compactor saw it."""
+    rid: str
+    row: int               # req_pool_idx
+    length: int            # physical length before compaction
+    prefix: int            # cache_protected_len
+    keep: int              # tokens kept per (layer, head)
+    pinned: int            # max(prefix, sink)
+
+
+@dataclasses.dataclass
+class Group:
+    """One `_compact_group` call: its requests as they were, and what `plan` got and returned."""
+    items: list[Item]
+    cfg: PolicyConfig
+    inputs: ScoreInputs
+    n_pinned: torch.Tensor
+    n_keep: torch.Tensor
+    credit: torch.Tensor | None
+    sel: object
+
+
+@dataclasses.dataclass
+class Env:
+    rt: ams_runtime.Runtime
+    compactor: Compactor
+    kv_pool: MHATokenToKVPool
+    req_pool: ReqToTokenPool
+    allocator: object
+    tree: RadixCache
+    gen: torch.Generator
+    groups: list                                             # filled by the recording fixture
+    tree_slots: set = dataclasses.field(default_factory=set)
+    queries: dict = dataclasses.field(default_factory=dict)  # rid -> {logical position: [L, Hq, d]}
+    dropped: dict = dataclasses.field(default_factory=dict)  # rid -> tokens dropped so far
+    freed: list = dataclasses.field(default_factory=list)    # slots freed by each compaction step
+
+    @property
+    def page_size(self) -> int:
+        return self.allocator.page_size
+
+    @property
+    def r2t(self) -> torch.Tensor:
+        return self.req_pool.req_to_token
+
+
+@pytest.fixture(autouse=True)
+def sglang_context():
+    """SGLang's release path and prepare_for_decode read the published ServerArgs: publish defaults."""
+    override = get_context().override_server_args()
+    override.install()
+    yield
+    override.restore()
+    ams_runtime.install(None)
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Record every compaction group and the selection `plan` made for it (the real plan still runs)."""
+    groups: list = []
+    pending: list = []
+    real_plan, real_group = compactor_mod.plan, Compactor._compact_group
+
+    def recording_plan(cfg, scorer, inputs, n_pinned, n_keep, credit=None, k_max=None):
+        sel = real_plan(cfg, scorer, inputs, n_pinned, n_keep, credit, k_max=k_max)
+        pending.append((cfg, inputs, n_pinned.clone(), n_keep.clone(), None if credit is None else credit.clone(), sel))
+        return sel
+
+    def recording_group(self, items):
+        snap = [Item(d.req.rid, d.req.req_pool_idx, d.length, d.prefix, d.keep, d.pinned) for d in items]
+        real_group(self, items)
+        cfg, inputs, n_pinned, n_keep, credit, sel = pending.pop()
+        groups.append(Group(snap, cfg, inputs, n_pinned, n_keep, credit, sel))
+
+    monkeypatch.setattr(compactor_mod, "plan", recording_plan)
+    monkeypatch.setattr(Compactor, "_compact_group", recording_group)
+    return groups
+
+
+def make_env(groups, *, page_size=1, dtype=torch.bfloat16, policy=CFG, ring_rows=0, seed=0) -> Env:
+    """Pools, allocator and radix cache as SGLang builds them, and the Runtime as our alloc_memory_pool hook does."""
+    gen = torch.Generator().manual_seed(seed)
+    kv_pool = MHATokenToKVPool(POOL_TOKENS, page_size, dtype, KV_HEADS, HEAD_DIM, LAYERS, device="cpu",
+                               enable_memory_saver=False)
+    for buf in kv_pool.k_buffer + kv_pool.v_buffer:     # free slots hold data too: a stray read shows
+        buf.copy_(torch.randn(buf.shape, generator=gen))
+    req_pool = ReqToTokenPool(size=8, max_context_len=256, device="cpu", enable_memory_saver=False)
+    if page_size == 1:
+        allocator = TokenToKVPoolAllocator(POOL_TOKENS, dtype, "cpu", kv_pool, need_sort=False)
+    else:
+        allocator = PagedTokenToKVPoolAllocator(POOL_TOKENS, page_size, dtype, "cpu", kv_pool, need_sort=False)
+    tree = RadixCache(CacheInitParams(disable=False, req_to_token_pool=req_pool, token_to_kv_pool_allocator=allocator,
+                                      page_size=page_size))
+    settings = EngineSettings(policy=policy, ring_rows=ring_rows, debug_checks=True)
+    shape = ams_runtime.ModelShape(num_layers=LAYERS, start_layer=0, num_kv_heads=KV_HEADS, num_q_heads=Q_HEADS,
+                                   head_dim=HEAD_DIM, dtype=dtype, scale=HEAD_DIM ** -0.5)
+    rt = ams_runtime.Runtime(settings, shape, kv_pool, req_pool, allocator, tiny_rope(),
+                             ams_runtime.ring_rows_for(settings, POOL_TOKENS))
+    ams_runtime.install(rt)
+    return Env(rt, Compactor(rt), kv_pool, req_pool, allocator, tree, gen, groups)
+
+
+def tiny_rope() -> RopeSpec:
+    from transformers import LlamaConfig
+    config = LlamaConfig(hidden_size=Q_HEADS * HEAD_DIM, num_attention_heads=Q_HEADS, num_key_value_heads=KV_HEADS,
+                         num_hidden_layers=LAYERS)
+    return RopeSpec(inv_freq=inv_freq_from_config(config))
+
+
+def random_kv(env: Env, slots: torch.Tensor) -> None:
+    for buf in env.kv_pool.k_buffer + env.kv_pool.v_buffer:
+        buf[slots] = torch.randn(len(slots), KV_HEADS, HEAD_DIM, generator=env.gen).to(buf.dtype)
+
+
+def alloc_slots(env: Env, n: int) -> torch.Tensor:
+    """n slots for row positions starting at a page boundary: whole pages from the paged allocator."""
+    ps = env.page_size
+    slots = env.allocator.alloc(-(-n // ps) * ps)
+    assert slots is not None
+    return slots[:n]
+
+
+def cache_prefix(env: Env, tokens: list) -> None:
+    """Put a prompt prefix into the radix tree (what an earlier request's prefill would have left there)."""
+    slots = alloc_slots(env, len(tokens))
+    random_kv(env, slots)
+    env.tree.insert(InsertParams(key=RadixKey(array("q", tokens)), value=slots))
+    env.tree_slots |= set(slots.tolist())
+
+
+def add_request(env: Env, rid: str, tokens: list, *, pinned: int = 0, override=None) -> Req:
+    """A request right after prefill: `pinned` tokens matched (and locked) in the tree, the rest private."""
+    custom = None if override is None else {request_state.REQUEST_KEY: override}
+    req = Req(rid, "", array("q", tokens), SamplingParams(max_new_tokens=4096, custom_params=custom))
+    env.req_pool.alloc([req])
+    row = req.req_pool_idx
+    if pinned:
+        match = env.tree.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens))))
+        assert len(match.device_indices) == pinned
+        env.tree.inc_lock_ref(match.last_device_node)
+        req.prefix_indices, req.last_node = match.device_indices, match.last_device_node
+        req.cache_protected_len = pinned
+        env.r2t[row, :pinned] = match.device_indices.to(torch.int32)
+    own = alloc_slots(env, len(tokens) - pinned)
+    random_kv(env, own)
+    env.r2t[row, pinned:len(tokens)] = own.to(torch.int32)
+    req.kv = ReqKvInfo(kv_allocated_len=len(tokens), swa_evicted_seqlen=0)
+    req.kv_committed_len = len(tokens)
+    env.queries[rid] = {}
+    env.dropped[rid] = 0
+    return req
+
+
+def make_batch(env: Env, reqs: list) -> ScheduleBatch:
+    lens = [r.kv_committed_len for r in reqs]
+    return ScheduleBatch(
+        reqs=reqs, req_to_token_pool=env.req_pool, token_to_kv_pool_allocator=env.allocator, tree_cache=env.tree,
+        device="cpu", spec_algorithm=SpeculativeAlgorithm.NONE,
+        # prepare_for_decode reads model_config.is_encoder_decoder and the penalizer flag only.
+        model_config=SimpleNamespace(is_encoder_decoder=False),
+        sampling_info=SimpleNamespace(penalizer_orchestrator=SimpleNamespace(is_required=False)),
+        req_pool_indices=torch.tensor([r.req_pool_idx for r in reqs], dtype=torch.int64),
+        seq_lens=torch.tensor(lens, dtype=torch.int64), seq_lens_cpu=torch.tensor(lens, dtype=torch.int64),
+        orig_seq_lens=torch.tensor(lens, dtype=torch.int32))
+
+
+def forward(env: Env, batch: ScheduleBatch) -> None:
+    """The model's part of a decode step: new K/V at out_cache_loc, queries into the ring, one output token."""
+    random_kv(env, batch.out_cache_loc)
+    fb = SimpleNamespace(forward_mode=ForwardMode.DECODE, req_pool_indices=batch.req_pool_indices,
+                         positions=(batch.seq_lens - 1).clamp(min=0))       # what ForwardBatch.init_new computes
+    fb = fb_hooks.init_new_hook(fb, None, batch, None)
+    for i, req in enumerate(batch.reqs):    # positions are logical: the token's index in prompt + output
+        assert int(fb.positions[i]) == len(req.origin_input_ids) + len(req.output_ids), req.rid
+    q = torch.randn(LAYERS, len(batch.reqs), Q_HEADS * HEAD_DIM, generator=env.gen).to(env.rt.shape.dtype)
+    for layer in range(LAYERS):
+        attn_hooks.forward_hook(lambda *a, **k: None, SimpleNamespace(layer_id=layer), q[layer], None, None, fb)
+    for i, req in enumerate(batch.reqs):
+        env.queries[req.rid][int(fb.positions[i])] = q[:, i].view(LAYERS, Q_HEADS, HEAD_DIM)
+        req.output_ids.append(int(torch.randint(0, 999, (1,), generator=env.gen)))
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+@dataclasses.dataclass
+class Snap:
+    k: list
+    v: list
+    r2t: torch.Tensor
+    free: set
+    seq_lens: torch.Tensor
+    seq_lens_cpu: torch.Tensor
+    orig_seq_lens: torch.Tensor
+    committed: dict
+    allocated: dict
+    credit: dict
+    counters: tuple
+
+
+def snapshot(env: Env, batch: ScheduleBatch) -> Snap:
+    states = {r.rid: request_state.existing_state(r) for r in batch.reqs}
+    c = env.rt.counters
+    return Snap([b.clone() for b in env.kv_pool.k_buffer], [b.clone() for b in env.kv_pool.v_buffer], env.r2t.clone(),
+                free_slots(env), batch.seq_lens.clone(), batch.seq_lens_cpu.clone(), batch.orig_seq_lens.clone(),
+                {r.rid: r.kv_committed_len for r in batch.reqs}, {r.rid: r.kv.kv_allocated_len for r in batch.reqs},
+                {rid: None if st is None or st.credit is None else st.credit.clone() for rid, st in states.items()},
+                (c.compactions, c.tokens_freed))
+
+
+def free_slots(env: Env) -> set:
+    """Every slot the allocator holds; fails on a page or slot held twice (a double free)."""
+    a = env.allocator
+    ids = torch.cat([a.free_pages, a.release_pages])
+    assert ids.unique().numel() == ids.numel(), "the allocator holds a slot or page twice (double free)"
+    if a.page_size > 1:
+        ids = (ids[:, None] * a.page_size + torch.arange(a.page_size)).reshape(-1)
+    return set(ids.tolist())
+
+
+def page_slots(env: Env, slots) -> set:
+    """The slots of every page that `slots` touch (page size 1: the slots themselves)."""
+    ps = env.page_size
+    return {p * ps + i for p in {int(s) // ps for s in slots} for i in range(ps)}
+
+
+def check_no_leak(env: Env, reqs: list) -> None:
+    """Every slot is either free or referenced (by a live row or the tree), never both, never neither."""
+    live = set(env.tree_slots)
+    for r in reqs:
+        live |= page_slots(env, env.r2t[r.req_pool_idx, :r.kv.kv_allocated_len].tolist())
+    free = free_slots(env)
+    assert not free & live, "slots both free and in use"
+    assert len(free) == env.allocator.available_size()
+    assert len(free) + len(live) == POOL_TOKENS, "leaked slots"
+
+
+def dense(buffers: list, r2t: torch.Tensor, row: int, length: int) -> torch.Tensor:
+    """[L, H, T, d] of one request, position order, read with plain torch indexing."""
+    slots = r2t[row, :length].long()
+    return torch.stack([b[slots].transpose(0, 1) for b in buffers])
+
+
+def padded(xs: list) -> torch.Tensor:
+    t = max(x.shape[2] for x in xs)
+    return torch.stack([torch.nn.functional.pad(x, (0, 0, 0, t - x.shape[2])) for x in xs])
+
+
+def window_queries(env: Env, rid: str, newest: int, window: int) -> torch.Tensor:
+    """[L, Hq, W, d]: the queries the forward wrote for the last `window` logical positions, oldest first."""
+    return torch.stack([env.queries[rid][p] for p in range(newest - window + 1, newest + 1)], dim=2)
+
+
+def check_selection(env: Env, g: Group, snap: Snap) -> None:
+    """What plan got (keys, queries, positions, attention) and chose, against torch on the pre-compaction pool."""
+    cfg, w = g.cfg, g.cfg.window
+    keys = [dense(snap.k, snap.r2t, it.row, it.length) for it in g.items]
+    values = [dense(snap.v, snap.r2t, it.row, it.length) for it in g.items]
+    lengths = torch.tensor([it.length for it in g.items])
+    for j, it in enumerate(g.items):
+        assert int(g.n_keep[j]) == it.keep == it.prefix + cfg.budget
+        assert int(g.n_pinned[j]) == it.pinned == max(it.prefix, cfg.sink)
+        if getattr(scorer_for(cfg), "reads_kv", True):          # the Triton gather read the same keys
+            assert torch.equal(g.inputs.keys[j, :, :, :it.length], keys[j])
+            assert torch.equal(g.inputs.values[j, :, :, :it.length], values[j])
+    queries = query_pos = None
+    if cfg.needs_queries:
+        newest = [it.length - 1 + env.dropped[it.rid] for it in g.items]     # logical position of "now"
+        queries = torch.stack([window_queries(env, it.rid, n, w) for it, n in zip(g.items, newest)])
+        query_pos = torch.tensor([list(range(n - w + 1, n + 1)) for n in newest])
+        assert torch.equal(g.inputs.queries, queries), "the ring returned other queries (or another order)"
+        assert torch.equal(g.inputs.query_pos, query_pos)
+    reference = ScoreInputs(keys=padded(keys), values=padded(values), lengths=lengths, queries=queries,
+                            query_pos=query_pos, rope=env.rt.rope, scale=env.rt.shape.scale)
+    if needs_attention(cfg):        # Triton window attention over the pool == torch over dense tensors
+        ref = window_attention(reference.keys, queries, lengths, reference.scale)
+        for name in ("mean_rows", "last_row") if cfg.scorer == "tova" else ("mean_rows",):
+            got = getattr(g.inputs.attn, name)
+            torch.testing.assert_close(got, getattr(ref, name), atol=2e-5, rtol=1e-4)
+    expected = plan(cfg, scorer_for(cfg), reference, g.n_pinned, g.n_keep, g.credit, k_max=int(g.n_keep.max()))
+    for j, it in enumerate(g.items):
+        assert torch.equal(expected.indices[j, ..., :it.keep], g.sel.indices[j, ..., :it.keep]), it.rid
+
+
+def check_compaction(env: Env, batch: ScheduleBatch, snap: Snap, groups: list) -> None:
+    """Everything one compaction step must leave behind (DESIGN.md §4), for every group it ran."""
+    rt, ps = env.rt, env.page_size
+    dst_slots, expected_free, delta = set(), set(), {}
+    for g in groups:
+        check_selection(env, g, snap)
+        for j, (rid, row, length, prefix, keep, pinned) in enumerate(g.items):
+            idx = g.sel.indices[j, ..., :keep]                  # [L, H, keep]
+            # Kept indices: row positions, strictly ascending, pinned prefix and last keep_lastn always in.
+            assert (idx[..., 1:] > idx[..., :-1]).all() and int(idx.max()) < length
+            must = torch.cat([torch.arange(pinned), torch.arange(length - g.cfg.keep_lastn, length)])
+            assert all(torch.isin(must, r).all() for r in idx.reshape(-1, keep)), rid
+            # Slot j of head h now holds head h's j-th kept token, K and V (composite slots).
+            for which, bufs in (("k", snap.k), ("v", snap.v)):
+                before = dense(bufs, snap.r2t, row, length)
+                now = dense(getattr(env.kv_pool, f"{which}_buffer"), env.r2t, row, keep)
+                assert torch.equal(now, gather_kept(before[None], idx[None])[0]), (rid, which)
+            # The row's slots stay where they were; only the data moved.
+            assert torch.equal(env.r2t[row, :keep], snap.r2t[row, :keep])
+            dst_slots |= set(snap.r2t[row, prefix:keep].tolist())
+            tail = -(-keep // ps) * ps
+            expected_free |= page_slots(env, snap.r2t[row, tail:length].tolist()) if tail < length else set()
+            delta[rid] = length - keep
+    # No byte outside the compacted rows' [prefix, keep) slots changed: pinned prefixes, other requests, tails.
+    others = torch.ones(env.kv_pool.k_buffer[0].shape[0], dtype=torch.bool)
+    others[list(dst_slots)] = False
+    for before, now in zip(snap.k + snap.v, env.kv_pool.k_buffer + env.kv_pool.v_buffer):
+        assert torch.equal(before[others], now[others])
+    # Exactly the tails (whole pages past align_up(keep)) went back to the allocator, nothing else.
+    free = free_slots(env)
+    assert snap.free <= free, "a free slot was taken"
+    assert free - snap.free == expected_free, "freed slots are not exactly the tails"
+    assert env.allocator.available_size() - len(snap.free) == len(expected_free)
+    env.freed.append(len(expected_free))
+    # Lengths shrink by the dropped count; offsets grow by it; ring rows go back.
+    d = torch.tensor([delta.get(r.rid, 0) for r in batch.reqs])
+    assert torch.equal(batch.seq_lens, snap.seq_lens - d) and torch.equal(batch.seq_lens_cpu, snap.seq_lens_cpu - d)
+    assert torch.equal(batch.orig_seq_lens, snap.orig_seq_lens - d.to(torch.int32))
+    for r in batch.reqs:
+        dropped = delta.get(r.rid, 0)
+        assert r.kv_committed_len == snap.committed[r.rid] - dropped
+        assert r.kv.kv_allocated_len == snap.allocated[r.rid] - dropped
+        env.dropped[r.rid] += dropped
+        st = request_state.existing_state(r)
+        assert int(rt.pos_offsets[r.req_pool_idx]) == env.dropped[r.rid] == (st.pos_offset if st else 0)
+        if dropped:
+            assert st.compacted and st.ring_row == 0 and int(rt.ring.row_of[r.req_pool_idx]) == 0
+    for g in groups:     # carried credit: one value per kept token of every (layer, head)
+        for j, it in enumerate(g.items):
+            st = request_state.existing_state(next(r for r in batch.reqs if r.rid == it.rid))
+            if g.cfg.policy == "ams":
+                assert st.credit is not None and st.credit.shape == (LAYERS, KV_HEADS, it.keep)
+                old = snap.credit[it.rid]      # the previous compaction's credit came back in, new tokens at 0
+                k_old = 0 if old is None else old.shape[-1]
+                if old is not None:
+                    assert torch.equal(g.credit[j, :, :, :k_old], old)
+                assert (g.credit[j, :, :, k_old:] == 0).all()
+            else:
+                assert st.credit is None
+    assert rt.counters.compactions - snap.counters[0] == len(delta)
+    assert rt.counters.tokens_freed - snap.counters[1] == sum(delta.values())
+
+
+def step(env: Env, batch: ScheduleBatch) -> list:
+    """One scheduler iteration; returns the compaction groups it ran (each already checked)."""
+    snap = snapshot(env, batch)
+    env.groups.clear()
+    n = env.compactor.step(batch)
+    assert n == sum(len(g.items) for g in env.groups)
+    groups = list(env.groups)
+    if groups:
+        check_compaction(env, batch, snap, groups)
+    check_no_leak(env, batch.reqs)
+    batch.prepare_for_decode()          # SGLang: next slot at row position seq_len, every length + 1
+    forward(env, batch)
+    check_no_leak(env, batch.reqs)
+    return groups
+
+
+def compacted(groups: list) -> dict:
+    """rid -> (length, keep) of the requests compacted in a step."""
+    return {it.rid: (it.length, it.keep) for g in groups for it in g.items}
+
+
+# ---------------------------------------------------------------------------------------------- 1. bookkeeping
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_compaction_bookkeeping(recorded, page_size, dtype):
+    """Three requests (below the cap, above it, above it behind a pinned radix prefix) decoded through two
+    compactions; `step` checks every compaction, this test pins down when they happen and what they free."""
+    env = make_env(recorded, page_size=page_size, dtype=dtype)
+    cache_prefix(env, SHARED)
+    # short: 16-token prefix shared with `pinned` (tree), stays below its trigger (cap 72, ring from 64).
+    short = add_request(env, "short", SHARED[:16] + list(range(3000, 3014)), pinned=16)
+    # long: no prefix, cap 56; ring from length 48, so it compacts at exactly 56 (drops 16).
+    long = add_request(env, "long", list(range(2000, 2046)))
+    # pinned: 32-token page-aligned prefix, cap 88, already past cap - window when it may first take a ring
+    # row (length 86), so it compacts 8 queries later at 94 (drops 22); keep = 72 is not page-aligned.
+    pinned = add_request(env, "pinned", SHARED + list(range(4000, 4052)), pinned=32)
+    batch = make_batch(env, [short, long, pinned])
+    prefix_before = {r.rid: env.r2t[r.req_pool_idx, :r.cache_protected_len].clone() for r in (short, pinned)}
+    short_row = env.r2t[short.req_pool_idx].clone()
+
+    history = []
+    for _ in range(27):
+        history.append(compacted(step(env, batch)))
+        if len(history) in (3, 9):      # rings: long takes its row at 48, pinned at 86 (both at step 3)
+            st = request_state.existing_state(long)
+            assert st.ring_row and st.ring_start == 48 and int(env.rt.ring.row_of[long.req_pool_idx]) == st.ring_row
+            assert request_state.existing_state(pinned).ring_start == 86
+    first, second = history[10], history[26]
+    assert all(not h for i, h in enumerate(history) if i not in (10, 26)), history
+    assert first == {"long": (56, 40), "pinned": (94, 72)}
+    assert second == {"long": (56, 40), "pinned": (88, 72)}      # the second one from the ring at cap - window
+    assert len(env.groups) == 1                                  # both requests in one launch
+    # (c) freed: page 1 every dropped slot (16 + 22, then 16 + 16); page 16 only whole pages past
+    # align_up(keep): 56 -> 40 frees [48, 64), 94 -> 72 frees [80, 96); then [48, 64) and [80, 96) again.
+    assert env.freed == ([38, 32] if page_size == 1 else [32, 32])
+
+    # (d, e) offsets accumulate over the two compactions.
+    assert env.dropped == {"short": 0, "long": 32, "pinned": 38}
+    for r in (long, pinned):
+        assert request_state.existing_state(r).compactions == 2
+    # (b) the pinned prefixes never moved, (f) the request below its cap is untouched, row and state.
+    for r in (short, pinned):
+        assert torch.equal(env.r2t[r.req_pool_idx, :r.cache_protected_len], prefix_before[r.rid])
+    assert torch.equal(env.r2t[short.req_pool_idx, :30], short_row[:30])
+    st = request_state.existing_state(short)
+    assert st.pos_offset == 0 and not st.compacted and st.ring_row == 0
+    assert short.kv_committed_len == 30 + 27
+    # After compaction the next decode token lands right after the kept tokens, in the kept last page.
+    if page_size > 1:
+        row = long.req_pool_idx       # keep = 40: positions 40.. share the page of position 39
+        assert int(env.r2t[row, 40]) == int(env.r2t[row, 39]) + 1
+
+
+# ---------------------------------------------------------------------------------------------- 2. overrides
+
+def test_mixed_overrides_compact_in_one_step(recorded):
+    """Streaming (no queries), top-k KeyDiff (keys, no queries), AMS+TOVA and the server default in one batch.
+    Regression: a streaming override on a server whose scorer reads attention used to run the attention
+    kernel with no queries (fixed by compactor.needs_attention)."""
+    env = make_env(recorded)
+    overrides = {"stream": "streaming", "keydiff": {"policy": "topk", "scorer": "keydiff"},
+                 "tova": {"policy": "ams", "scorer": "tova"}, "default": None, "off": "none"}
+    reqs = [add_request(env, rid, list(range(2000 + 100 * i, 2046 + 100 * i)), override=o)
+            for i, (rid, o) in enumerate(overrides.items())]
+    batch = make_batch(env, reqs)
+    off_row = env.r2t[reqs[-1].req_pool_idx].clone()
+    seen = {}
+    for _ in range(12):
+        for g in step(env, batch):
+            seen.setdefault((g.cfg.policy, g.cfg.scorer), []).extend(it.rid for it in g.items)
+    assert seen == {("streaming", "snapkv"): ["stream"], ("topk", "keydiff"): ["keydiff"],
+                    ("ams", "tova"): ["tova"], ("ams", "snapkv"): ["default"]}
+    off = reqs[-1]
+    assert request_state.existing_state(off) is None and off.kv_committed_len == 46 + 12
+    assert torch.equal(env.r2t[off.req_pool_idx, :46], off_row[:46])
+    assert int(env.rt.pos_offsets[off.req_pool_idx]) == 0
+
+
+def test_needs_attention():
+    server = PolicyConfig(policy="ams", scorer="tova")
+    assert needs_attention(server)
+    assert not needs_attention(server.replace(policy="streaming"))
+    assert not needs_attention(server.replace(policy="topk", scorer="keydiff"))
+    assert needs_attention(server.replace(policy="topk", scorer="snapkv"))
+    assert not needs_attention(server.replace(policy="topk", scorer="expected_attention"))
+    assert needs_attention(server.replace(scorer="expected_attention"))     # AMS mass reads attention
+
+
+# ---------------------------------------------------------------------------------------------- 3. ring
+
+def test_ring_rows_wait_and_release(recorded):
+    """One ring row for two requests: the second waits (ring_waits grows), then compacts `window` queries
+    after it finally gets the row, never earlier."""
+    env = make_env(recorded, ring_rows=1)
+    ring = env.rt.ring
+    a = add_request(env, "a", list(range(2000, 2046)))    # cap 56, reaches cap - window (48) at step 3
+    b = add_request(env, "b", list(range(3000, 3047)))    # one token ahead: finds the ring taken
+    batch = make_batch(env, [a, b])
+    sa, sb = (lambda: request_state.existing_state(a)), (lambda: request_state.existing_state(b))
+    history = []
+    for n in range(1, 21):
+        done = compacted(step(env, batch))
+        history.append(done)
+        if n == 2:
+            assert sa().ring_row == 0 and ring.free_rows == 1          # below cap - window: no row yet
+        if n == 3:
+            assert sa().ring_row and sa().ring_start == 48 and sb().ring_row == 0 and ring.free_rows == 0
+        if n == 9:
+            assert env.rt.counters.ring_waits == 0                     # b not at its cap yet: not a wait
+        if n == 10:
+            assert env.rt.counters.ring_waits == 1                     # b at 56 with no row
+        if n == 11:
+            assert done == {"a": (56, 40)} and sa().ring_row == 0 and env.rt.counters.ring_waits == 2
+            assert ring.free_rows == 1 and int(ring.row_of[a.req_pool_idx]) == 0
+        if n == 12:
+            assert sb().ring_row and sb().ring_start == 58             # b took the released row at 58
+        if 12 <= n < 20:
+            assert sb().compactions == 0                               # past cap, but fewer than 8 queries
+    assert history[19] == {"b": (66, 40)}
+    assert sb().ring_row == 0 and sb().pos_offset == 26
+    assert env.rt.counters.ring_waits == 2
+
+
+def test_ring_window_order():
+    """Queries come back oldest first whatever slot the window starts at; row 0 is the trash row."""
+    ring = ams_runtime.ring_mod.QueryRing(num_layers=1, rows=2, window=4, num_q_heads=1, head_dim=2, req_slots=4,
+                                          dtype=torch.float32, device="cpu")
+    row = ring.acquire(3)
+    for pos in range(10, 17):     # 7 writes into 4 slots: the last four survive
+        ring.write(0, torch.full((2, 2), float(pos)), torch.tensor([3, 1]), torch.tensor([pos, pos]))
+    q, pos = ring.window_queries(torch.tensor([row]), torch.tensor([16]))
+    assert pos.tolist() == [[13, 14, 15, 16]]
+    assert q[0, 0, 0, :, 0].tolist() == [13.0, 14.0, 15.0, 16.0]
+    unused = 3 - row                  # rows are 1 and 2
+    assert int(ring.row_of[1]) == 0 and ring.buf[0, 0].ne(0).all()    # req 1 has no row: the trash row
+    assert ring.buf[0, row].ne(0).all() and ring.buf[0, unused].eq(0).all()
+    ring.release(3, row)
+    assert ring.free_rows == 2 and int(ring.row_of[3]) == 0
+
+
+# ---------------------------------------------------------------------------------------------- 4. release
+
+@pytest.fixture
+def wired_release(monkeypatch):
+    """SGLang's release_kv_cache with our hooks applied as HookRegistry would (scoped to the test)."""
+    real_finished = RadixCache.cache_finished_req
+
+    def cache_finished_req(self, req, is_insert=True, **kwargs):
+        return mem_hooks.cache_finished_req_hook(real_finished, self, req, is_insert, **kwargs)
+    monkeypatch.setattr(RadixCache, "cache_finished_req", cache_finished_req)
+
+    def release(req, tree, is_insert=True):
+        mem_hooks.release_kv_cache_before(req, tree, is_insert)
+        return mem_hooks.release_kv_cache_hook(sgl_common.release_kv_cache(req, tree, is_insert), req, tree)
+    return release
+
+
+def test_release_after_compaction(recorded, wired_release):
+    """Finish, retraction and finish-uncompacted through SGLang's release_kv_cache (paged pool, radix tree):
+    ring rows and offsets come back, compacted KV never enters the tree, and nothing leaks."""
+    env = make_env(recorded, page_size=16)
+    cache_prefix(env, SHARED)
+    short = add_request(env, "short", SHARED[:16] + list(range(3000, 3014)), pinned=16)
+    long = add_request(env, "long", list(range(2000, 2046)))
+    pinned = add_request(env, "pinned", SHARED + list(range(4000, 4052)), pinned=32)
+    batch = make_batch(env, [short, long, pinned])
+    for _ in range(19):           # long compacts at step 11 and holds a fresh ring row from step 19
+        step(env, batch)
+    st = request_state.existing_state(long)
+    assert st.compacted and st.ring_row and st.pos_offset == 16
+    rows_free = env.rt.ring.free_rows
+    long_tokens = list(long.origin_input_ids) + list(long.output_ids)
+
+    # Finish: compacted KV must not enter the tree; ring row and offset are returned.
+    idx = long.req_pool_idx
+    wired_release(long, env.tree)
+    assert long.req_pool_idx is None and idx in env.req_pool.free_slots
+    assert st.ring_row == 0 and env.rt.ring.free_rows == rows_free + 1 and int(env.rt.ring.row_of[idx]) == 0
+    assert int(env.rt.pos_offsets[idx]) == 0
+    assert len(env.tree.match_prefix(MatchPrefixParams(key=RadixKey(array("q", long_tokens)))).device_indices) == 0
+    # Retraction of the compacted pinned request: nothing inserted, state starts over (re-prefill).
+    idx = pinned.req_pool_idx
+    wired_release(pinned, env.tree, is_insert=False)
+    pinned.reset_for_retract()
+    batch_hooks.reset_for_retract_hook(None, pinned)
+    fresh = request_state.existing_state(pinned)
+    assert fresh.pos_offset == 0 and not fresh.compacted and fresh.ring_row == 0 and fresh.cfg == CFG
+    assert int(env.rt.pos_offsets[idx]) == 0
+    # A request that was never compacted is cached as usual (its KV still matches its tokens).
+    short_tokens = list(short.origin_input_ids) + list(short.output_ids)
+    wired_release(short, env.tree)
+    cached = env.tree.match_prefix(MatchPrefixParams(key=RadixKey(array("q", short_tokens)))).device_indices
+    assert len(cached) == len(short_tokens) // 16 * 16
+    # Idle: SGLang's own leak rule, available + tree == pool, every ring row back, no lock left.
+    assert env.tree.protected_size() == 0
+    assert env.allocator.available_size() + env.tree.evictable_size() == POOL_TOKENS
+    assert env.rt.ring.free_rows == env.rt.ring.rows
+    free_slots(env)                   # and no page is free twice
+
+
+def test_runtime_from_the_pool_hook(monkeypatch):
+    """The alloc_memory_pool hook builds the Runtime from SGLang's real pool and allocator, and refuses a pool
+    it cannot compact."""
+    from sglang.srt.layers.radix_attention import RadixAttention
+    from transformers import LlamaConfig
+    settings = EngineSettings(policy=CFG)
+    monkeypatch.setenv(ENV_VAR, settings.to_json())
+    pool = MHATokenToKVPool(POOL_TOKENS, 16, torch.bfloat16, KV_HEADS, HEAD_DIM, LAYERS, device="cpu",
+                            enable_memory_saver=False)
+    hf = LlamaConfig(hidden_size=Q_HEADS * HEAD_DIM, num_attention_heads=Q_HEADS, num_key_value_heads=KV_HEADS,
+                     num_hidden_layers=LAYERS)
+    runner = SimpleNamespace(
+        is_draft_worker=False, token_to_kv_pool=pool, device="cpu", max_total_num_tokens=POOL_TOKENS,
+        token_to_kv_pool_allocator=PagedTokenToKVPoolAllocator(POOL_TOKENS, 16, torch.bfloat16, "cpu", pool, False),
+        req_to_token_pool=ReqToTokenPool(size=8, max_context_len=256, device="cpu", enable_memory_saver=False),
+        model_config=SimpleNamespace(hf_config=hf, is_multimodal=False, is_encoder_decoder=False),
+        model=torch.nn.ModuleList([RadixAttention(Q_HEADS, HEAD_DIM, HEAD_DIM ** -0.5, KV_HEADS, i)
+                                   for i in range(LAYERS)]))
+    mem_hooks.alloc_memory_pool_hook(None, runner)
+    rt = ams_runtime.get()
+    assert rt is not None and rt.page_size == 16 and rt.shape.num_q_heads == Q_HEADS
+    assert rt.slot_stride == KV_HEADS * HEAD_DIM and rt.ring.rows == ams_runtime.ring_rows_for(settings, POOL_TOKENS)
+    assert rt.k_ptrs.tolist() == [b.data_ptr() for b in pool.k_buffer]
+    fp32 = MHATokenToKVPool(64, 1, torch.float32, KV_HEADS, HEAD_DIM, LAYERS, device="cpu", enable_memory_saver=False)
+    with pytest.raises(ams_runtime.Unsupported, match="dtype"):
+        ams_runtime.check_pool(fp32, TokenToKVPoolAllocator(64, torch.float32, "cpu", fp32, False))
+
+
+# ---------------------------------------------------------------------------------------------- 5. admission
+
+def test_admission_arithmetic():
+    ams = PolicyConfig(policy="ams", budget=1024, interval=512, window=8)
+    stream = PolicyConfig(policy="streaming", budget=1024, interval=512)
+    assert admission.cap(0, ams) == 1536 and admission.cap(256, ams) == 1792
+    # Lead past the trigger: MIN_DECODE_STEPS before the first ring row, then a full window of queries.
+    assert admission.lead_tokens(ams) == 8 + 2 and admission.lead_tokens(stream) == 2
+    assert admission.admission_new_tokens(1000, 0, 4000, ams) == 536           # grows to the cap
+    assert admission.admission_new_tokens(1000, 256, 4000, ams) == 792         # pinned prefix is extra
+    assert admission.admission_new_tokens(1000, 0, 100, ams) == 100            # finishes first
+    assert admission.admission_new_tokens(2000, 0, 4000, ams) == 10            # prompt past the cap: the lead
+    assert admission.admission_new_tokens(2000, 0, 4000, stream) == 2
+    assert admission.admission_new_tokens(2000, 0, 0, ams) == 0
+    assert admission.running_reservation(1500, 0, ams) == 36
+    assert admission.running_reservation(1530, 0, ams) == 10
+    assert admission.running_reservation(1600, 0, stream) == 2
+
+
+@pytest.mark.parametrize("policy", ["ams", "streaming"])
+@pytest.mark.parametrize("prompt", [30, 50, 60])    # below cap - window, between, past the cap (cap 56)
+def test_admission_bounds_what_requests_hold(recorded, policy, prompt):
+    """Drive the real loop: the most KV a request holds before its first compaction is exactly its prompt plus
+    what admission reserves, and the running reservation bounds what is left at every step."""
+    cfg = CFG.replace(policy=policy)
+    env = make_env(recorded, policy=CFG)       # server ams (query ring); the request overrides the policy
+    req = add_request(env, "r", list(range(2000, 2000 + prompt)), override={"policy": policy})
+    batch = make_batch(env, [req])
+    lengths = []
+    while not env.compactor.due_requests(batch):     # the trigger Compactor.step acts on (no kernels needed)
+        lengths.append(req.kv_committed_len)
+        batch.prepare_for_decode()
+        forward(env, batch)
+    peak = req.kv_committed_len
+    assert peak - prompt == admission.admission_new_tokens(prompt, 0, 4096, cfg)
+    for length in lengths:
+        assert peak - length <= admission.running_reservation(length, 0, cfg)
+
+
+def test_admission_hooks():
+    """PrefillAdder (real) counts a policy request's cap, not its max_new_tokens; add_one_req sees the clamp."""
+    from sglang.srt.managers.schedule_policy import PrefillAdder
+    env = make_env([], policy=CFG)
+    cache_prefix(env, SHARED)
+    running = add_request(env, "running", list(range(2000, 2040)))           # committed 40, cap 56
+    pinned = add_request(env, "pinned", SHARED + list(range(5000, 5032)), pinned=32)   # 64 of cap 32 + 56
+    off = add_request(env, "off", list(range(3000, 3040)), override="none")
+    batch = ScheduleBatch(reqs=[running, pinned, off])
+    real = PrefillAdder._get_running_request_total_token_offset
+    try:
+        PrefillAdder._get_running_request_total_token_offset = \
+            lambda self, req: policy_hooks.running_offset_hook(real, self, req)
+        adder = PrefillAdder(1, env.tree, env.allocator, batch, 1.0, 10_000, None)
+    finally:
+        PrefillAdder._get_running_request_total_token_offset = real
+    assert adder.rem_total_token_offset == (56 - 40) + (88 - 64) + 4096     # policy off: upstream's count
+
+    seen = []
+    waiting = add_request(env, "waiting", list(range(4000, 4030)))
+    waiting.prefix_indices = torch.empty(0, dtype=torch.int64)
+    policy_hooks.add_one_req_hook(lambda self, req: seen.append(req.sampling_params.max_new_tokens), None, waiting)
+    assert seen == [56 - 30] and waiting.sampling_params.max_new_tokens == 4096    # restored afterwards
+    # --ams-prompt-cache cached: the prompt will be tree-owned (pinned), so the cap starts after it.
+    env.rt.settings = dataclasses.replace(env.rt.settings, prompt_cache="cached")
+    policy_hooks.add_chunked_req_hook(lambda self, req: seen.append(req.sampling_params.max_new_tokens), None, waiting)
+    assert seen[-1] == 30 + 56 - 30
+
+    scheduler = SimpleNamespace(max_new_tokens_limit=None, max_req_len=1000)
+    waiting.sampling_params.max_new_tokens = 5000
+    policy_hooks.init_req_max_new_tokens_hook(lambda self, req: setattr(req.sampling_params, "max_new_tokens", 10),
+                                              scheduler, waiting)
+    assert waiting.sampling_params.max_new_tokens == 1000 - 30 - 1     # context length bounds it, not the pool
