@@ -155,15 +155,23 @@ def segment(u: torch.Tensor, comp: torch.Tensor, pos: torch.Tensor, n_pinned_row
     return start | (comp & (offset > 0) & (piece != prev_piece))
 
 
+def _descending_key(scores: torch.Tensor) -> torch.Tensor:
+    """int64 in [0, 2^32) that orders like -scores: the float32 bits made monotone (the usual sign flip)."""
+    bits = (scores.float() + 0.0).contiguous().view(torch.int32).long()      # + 0.0 turns -0.0 into 0.0
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)       # ascending like the floats, as signed ints
+    return (2**31 - 1) - ordered                                      # descending score -> ascending key
+
+
 def _rank_in_segment(scores: torch.Tensor, sid: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-    """Rank of every token inside its segment by descending score (ties: earlier position first)."""
+    """Rank of every token inside its segment by descending score (ties: earlier position first).
+
+    One stable sort on (segment, descending score) packed into an int64 key."""
     t = scores.shape[-1]
-    by_score = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    seg_by_score = sid.gather(1, by_score)
-    by_seg = torch.sort(seg_by_score, dim=-1, stable=True)
-    order = by_score.gather(1, by_seg.indices)
+    key = (sid << 32) | _descending_key(scores)
+    by_seg = torch.sort(key, dim=-1, stable=True)
+    order = by_seg.indices
     seg_first = torch.cumsum(lens, dim=-1) - lens
-    rank_sorted = torch.arange(t, device=scores.device)[None, :] - seg_first.gather(1, by_seg.values)
+    rank_sorted = torch.arange(t, device=scores.device)[None, :] - seg_first.gather(1, sid.gather(1, order))
     return torch.empty_like(rank_sorted).scatter_(1, order, rank_sorted)
 
 

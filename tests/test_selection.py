@@ -186,3 +186,25 @@ def test_credit_reduces_boundary_jitter():
     without, default, strong = _run_drift(False), _run_drift(True), _run_drift(True, mass_mix=0.3)
     assert default < 0.85 * without, (default, without)
     assert strong < default, (strong, default)
+
+
+def test_rank_in_segment_matches_a_loop():
+    """Rank of each token inside its segment by descending score, ties by position (scores with ties, ±0, ±inf)."""
+    from sglang_ams.selection import _rank_in_segment, _segment_table
+    g = torch.Generator().manual_seed(3)
+    rows, t = 6, 40
+    scores = torch.randint(-3, 4, (rows, t), generator=g).float()
+    scores[0, :5] = -0.0
+    scores[1, 3] = float("inf")
+    scores[2, 7] = float("-inf")
+    comp = torch.rand(rows, t, generator=g) > 0.15
+    start = comp & ((torch.rand(rows, t, generator=g) > 0.7) | (torch.cumsum(comp.long(), -1) == 1))
+    sid, lens = _segment_table(start, comp)
+    got = _rank_in_segment(torch.where(comp, scores, float("-inf")), sid, lens)
+    for r in range(rows):
+        for seg in sid[r].unique().tolist():
+            members = [i for i in range(t) if sid[r, i] == seg]
+            s = torch.where(comp, scores, float("-inf"))[r]
+            ordered = sorted(members, key=lambda i: (-s[i].item(), i))
+            for rank, i in enumerate(ordered):
+                assert got[r, i] == rank, (r, seg, i)
