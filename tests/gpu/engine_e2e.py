@@ -8,7 +8,8 @@
   (c) greedy outputs of the SGLang path against the CPU reference decode loop (run here on the GPU with
       HF transformers) under the same policy: token match rate.
 
-    python tests/gpu/engine_e2e.py --model DIR --data DIR --out DIR [--only a,b,c]
+    python tests/gpu/engine_e2e.py --model DIR --data DIR --out DIR [--only a,b,c,t,p]
+(t: a 6144-token pool under load; p: --ams-prompt-cache cached, shared prefixes pinned in the radix tree)
 Prints a summary last; details go to OUT/e2e.json and the server logs to OUT/server-*.log.
 """
 from __future__ import annotations
@@ -217,7 +218,10 @@ def prefix_sharing(server: Server, tok, train, gsm, k, max_new):
     bodies = [{"text": prefix + f"Question: {gsm[i]['question']}\nAnswer:",
                "sampling_params": greedy(max_new, ignore_eos=True)} for i in range(k)]
     post(server.url, "/flush_cache", {})
-    alone = [post(server.url, "/generate", b)[1].get("output_ids") for b in bodies]
+    replies = [post(server.url, "/generate", b)[1] for b in bodies]
+    alone = [r.get("output_ids") for r in replies]
+    # Radix hits of the later requests on the shared prefix (0 where prompts stay private to their request).
+    DETAILS[f"prefix-cached-tokens-{server.name}"] = [r.get("meta_info", {}).get("cached_tokens") for r in replies]
 
     async def together():
         import aiohttp
@@ -324,6 +328,8 @@ def main():
         specs["ams-p1"] = policy + ["--page-size", "1"]
     if "b" in parts:
         specs["ams-p16"] = policy + ["--page-size", "16"]
+    if "p" in parts:     # the prompt cached in the radix tree and pinned; only generated tokens compress
+        specs["ams-cached"] = policy + ["--page-size", "16", "--ams-prompt-cache", "cached"]
     if "t" in parts:     # memory pressure: a pool smaller than the running requests' full KV (retractions)
         specs["ams-tight"] = policy + ["--page-size", "16", "--max-total-tokens", "6144"]
     t0 = time.time()
@@ -347,8 +353,8 @@ def main():
             m = servers["ams-huge"].metrics()
             note(f"(a) budget >= request: {same}/{len(prompts)} outputs identical to --kv-policy none "
                  f"(compactions: {m.get('sglang_ams:compactions_total', 0):.0f})")
-        if "b" in parts or "t" in parts:
-            mixed = [n for n in ("ams-p1", "ams-p16", "ams-tight") if n in servers]
+        if "b" in parts or "t" in parts or "p" in parts:
+            mixed = [n for n in ("ams-p1", "ams-p16", "ams-tight", "ams-cached") if n in servers]
             for name in mixed:
                 openai_overrides(servers[name])
             for name in mixed:
@@ -372,12 +378,13 @@ def main():
                      f"error lines: {len(bad_lines)}; compactions {m.get('sglang_ams:compactions_total', 0):.0f}, "
                      f"tokens freed {m.get('sglang_ams:tokens_freed_total', 0):.0f}, "
                      f"kept ratio {m.get('sglang_ams:kept_ratio', 0):.3f}; log lines mentioning retraction: {retracted}")
-        if "b" in parts:
-            for name in ("none", "ams-p1", "ams-p16"):
+        if "b" in parts or "p" in parts:
+            for name in [n for n in ("none", "ams-p1", "ams-p16", "ams-cached") if n in servers]:
                 same, first = prefix_sharing(servers[name], tok, train, gsm, 8, 160)
                 DETAILS[f"prefix-{name}"] = first
+                hits = DETAILS.get(f"prefix-cached-tokens-{name}")
                 note(f"(b) shared prefix on {name}: {same}/8 outputs identical alone vs together "
-                     f"(first differing token per request: {first})")
+                     f"(first differing token per request: {first}; radix-cached prompt tokens alone: {hits})")
         if "c" in parts:
             # The same comparison with the policy off is the floor: bf16 kernels differ between the two stacks.
             for name, kw in (("none", dict(policy="none")),
