@@ -31,37 +31,36 @@ def offline():
     return _load("offline_engine")
 
 
-class RecordingBackend:
-    """Answers every gen with a numbered string and records the prompt and sampling params it saw."""
+def recording_backend():
+    """A frontend backend that answers every gen with a numbered string and records the prompt and sampling
+    params it saw (built on first use: importing SGLang's frontend is slow)."""
+    from sglang.lang.backend.base_backend import BaseBackend
+    from sglang.lang.chat_template import get_chat_template
 
-    def __new__(cls):
-        from sglang.lang.backend.base_backend import BaseBackend
-        from sglang.lang.chat_template import get_chat_template
+    class _Backend(BaseBackend):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+            self.chat_template = get_chat_template("default")
 
-        class _Backend(BaseBackend):
-            def __init__(self):
-                super().__init__()
-                self.calls = []
-                self.chat_template = get_chat_template("default")
+        def get_chat_template(self):
+            return self.chat_template
 
-            def get_chat_template(self):
-                return self.chat_template
+        def generate(self, s, sampling_params):
+            self.calls.append((s.text_, sampling_params.max_new_tokens, sampling_params.temperature))
+            return f" out{len(self.calls)}", {}
 
-            def generate(self, s, sampling_params):
-                self.calls.append((s.text_, sampling_params.max_new_tokens, sampling_params.temperature))
-                return f" out{len(self.calls)}", {}
-
-        return _Backend()
+    return _Backend()
 
 
 def test_frontend_programs_build_the_expected_prompts(frontend):
-    backend = RecordingBackend()
+    backend = recording_backend()
     state = frontend.reasoning.run(question="What is 2+2?", max_tokens=77, backend=backend)
     assert state["answer"] == " out1"
     prompt, max_tokens, temperature = backend.calls[0]
     assert "What is 2+2? Think step by step" in prompt and max_tokens == 77 and temperature == 0
 
-    backend = RecordingBackend()
+    backend = recording_backend()
     state = frontend.branches.run(question="Q?", num_branches=3, max_tokens=9, backend=backend)
     assert state["best"].startswith(" out")                               # waits for the whole program
     branch_prompts = [c[0] for c in backend.calls[:3]]
@@ -69,12 +68,12 @@ def test_frontend_programs_build_the_expected_prompts(frontend):
     assert sorted(p.split("\n")[-1] for p in branch_prompts) == ["Approach 1:", "Approach 2:", "Approach 3:"]
     assert state["best"].startswith(" out")
 
-    backend = RecordingBackend()
+    backend = recording_backend()
     state = frontend.conversation.run(turns=["a", "b"], max_tokens=5, backend=backend)
     assert state["turn1"] == " out2"                                       # reading a variable waits for it
     assert len(backend.calls) == 2 and " out1" in backend.calls[1][0]     # turn 2 sees turn 1's answer
 
-    backend = RecordingBackend()
+    backend = recording_backend()
     state = frontend.few_shot.run(question="What is 1+1?", backend=backend)
     assert state["answer"] == " out1"
     assert backend.calls[0][0].count("A: 42") == len(frontend.FEW_SHOT)

@@ -372,7 +372,8 @@ def main():
                 m = s.metrics()
                 DETAILS[f"b-{name}"] = {"statuses": {k: sorted(set(v)) for k, v in by_kind.items()},
                                        "metrics": m, "bad_log_lines": bad_lines, "seconds": dt}
-                retracted = s.log_text().lower().count("retract")
+                retracted = sum("retract" in line.lower() and "server_args" not in line
+                                for line in s.log_text().splitlines())
                 note(f"(b) {name}: {len(res)} requests in {dt:.0f} s; non-bad all 200: {ok_normal}; "
                      f"bad all 400: {ok_bad} ({len(by_kind.get('bad', []))}); alive after idle check: {alive}; "
                      f"error lines: {len(bad_lines)}; compactions {m.get('sglang_ams:compactions_total', 0):.0f}, "
