@@ -1,4 +1,5 @@
-"""The CPU reference decode loop: greedy generation on HF transformers with a KV policy applied to the cache.
+"""The reference decode loop (CPU, or the model's device): greedy generation on HF transformers with a KV policy
+applied to the cache.
 
 This is the oracle the SGLang path is compared with, so it favours exactness over speed:
   * with policy "none" (or a budget no request reaches) it runs exactly the forwards `model.generate(do_sample=False)`
