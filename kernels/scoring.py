@@ -15,9 +15,12 @@ row run in different programs. Two passes, no inter-program waiting (the interpr
           p = exp(logit - LSE) under the causal window mask, reduce over the W rows (and the G heads)
           and write the outputs, zeros at positions >= length.
 A single read of the keys would need the unnormalised [G*W, T] probabilities stored and re-read (fp32: 4*G*W
-bytes per key, more than the key itself), so the second key read is the cheaper option.
+bytes per key, more than the key itself), so the second key read is the cheaper option, unless the row LSE is
+already known. In the engine it is: each window query was a decode query, and FlashInfer's decode attention
+returns its log-sum-exp over exactly the keys the causal window mask lets it see (no compaction happens while a
+request collects its window). With `row_lse` given, pass 1 is skipped and every key is read once.
 
-HBM traffic (s = bytes per key element, Ln = length of request n, S = splits, R_PAD = padded G*W rows):
+HBM traffic without row_lse (with it: one key pass, no partials; s = bytes per key element, Ln = length of request n, S = splits, R_PAD = padded G*W rows):
   keys          2 * sum_n(Ln) * L * H * d * s           (one read per pass; the dominant term)
   req_to_token  2 * sum_n(Ln) * L * H * 4               (L2-resident: one row serves every layer and head)
   queries       2 * S * N * L * Hq * W * d * s_q        (L2 hits after the first split)
@@ -142,13 +145,14 @@ def _lse_partials_kernel(
 
 @triton.jit
 def _probabilities_kernel(
-        k_ptrs, req_to_token, req_rows, lengths, queries, part_max, part_sum, mean_out, last_out,
-        r2t_stride, q_sn, q_sl, q_sh, q_sw, slot_stride, num_layers, split_len, num_splits, out_len, scale_log2,
+        k_ptrs, req_to_token, req_rows, lengths, queries, part_max, part_sum, row_lse, mean_out, last_out,
+        r2t_stride, q_sn, q_sl, q_sh, q_sw, lse_sn, lse_sl, lse_sh, slot_stride, num_layers, split_len, num_splits,
+        out_len, scale_log2,
         NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, WINDOW: tl.constexpr,
         G_PAD: tl.constexpr, W_PAD: tl.constexpr, S_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         D_PAD: tl.constexpr, BLOCK_T: tl.constexpr, KV_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, GROUP_MEAN: tl.constexpr, WANT_LAST: tl.constexpr):
-    """Pass 2: row LSE from the partials, then softmax mass per key reduced over W (and G)."""
+        DOT_PRECISION: tl.constexpr, GROUP_MEAN: tl.constexpr, WANT_LAST: tl.constexpr, LSE_GIVEN: tl.constexpr):
+    """Pass 2: row LSE (given, or combined from the partials), then softmax mass per key reduced over W (and G)."""
     # Reverse order: the first programs reread the keys pass 1 touched last, which may still sit in L2.
     pid = tl.num_programs(0) - 1 - tl.program_id(0)
     split = tl.num_programs(1) - 1 - tl.program_id(1)
@@ -156,16 +160,22 @@ def _probabilities_kernel(
     ROWS: tl.constexpr = G_PAD * W_PAD
     length = tl.load(lengths + n)
 
-    # Row log-sum-exp (log2 units) over all splits; rows that see no key get lse 0 and are masked anyway.
-    s = tl.arange(0, S_PAD)
+    # Row log-sum-exp (log2 units); rows that see no key get lse 0 and are masked anyway.
     r = tl.arange(0, ROWS)
-    p_offs = (pid.to(tl.int64) * num_splits + s[:, None]) * ROWS + r[None, :]
-    p_mask = (s < num_splits)[:, None]
-    maxes = tl.load(part_max + p_offs, mask=p_mask, other=NEG_BIG)
-    sums = tl.load(part_sum + p_offs, mask=p_mask, other=0.0)
-    big = tl.max(maxes, axis=0)
-    total = tl.sum(sums * tl.exp2(maxes - big[None, :]), axis=0)
-    lse = tl.where(total > 0, big + tl.log2(tl.maximum(total, 1e-30)), 0.0)
+    if LSE_GIVEN:       # row_lse [N, L, Hq, W]: row r is query head h*G + r // W_PAD, window slot r % W_PAD
+        rg = r // W_PAD
+        rw = r % W_PAD
+        l_offs = (n.to(tl.int64) * lse_sn + l.to(tl.int64) * lse_sl + (h * GROUP + rg).to(tl.int64) * lse_sh + rw)
+        lse = tl.load(row_lse + l_offs, mask=(rg < GROUP) & (rw < WINDOW), other=0.0)
+    else:               # combine the partials of all splits
+        s = tl.arange(0, S_PAD)
+        p_offs = (pid.to(tl.int64) * num_splits + s[:, None]) * ROWS + r[None, :]
+        p_mask = (s < num_splits)[:, None]
+        maxes = tl.load(part_max + p_offs, mask=p_mask, other=NEG_BIG)
+        sums = tl.load(part_sum + p_offs, mask=p_mask, other=0.0)
+        big = tl.max(maxes, axis=0)
+        total = tl.sum(sums * tl.exp2(maxes - big[None, :]), axis=0)
+        lse = tl.where(total > 0, big + tl.log2(tl.maximum(total, 1e-30)), 0.0)
 
     # Output rows: one per query head (GROUP_MEAN: one per KV head); columns are positions.
     g = tl.arange(0, G_PAD)
@@ -253,7 +263,8 @@ def window_attention_pool(k_ptrs: torch.Tensor, req_to_token: torch.Tensor, req_
                           num_kv_heads: int, head_dim: int, slot_stride: int, scale: float | None = None,
                           group_reduce: str = "none", want_last_row: bool = False, max_len: int | None = None,
                           num_splits: int | None = None, block_t: int | None = None,
-                          config: ScoringConfig | None = None, out_mean: torch.Tensor | None = None, out_last: torch.Tensor | None = None):
+                          config: ScoringConfig | None = None, out_mean: torch.Tensor | None = None,
+                          out_last: torch.Tensor | None = None, row_lse: torch.Tensor | None = None):
     """Window attention of each request's last W queries over its keys in SGLang's pool.
 
     k_ptrs [L] int64 key-buffer addresses (MHATokenToKVPool.k_data_ptrs); req_to_token int32 [rows, ctx];
@@ -261,6 +272,8 @@ def window_attention_pool(k_ptrs: torch.Tensor, req_to_token: torch.Tensor, req_
     (cast to kv_dtype for the tensor-core product). Returns (mean_rows, last_row or None), fp32
     [N, L, Hq (or H with group_reduce="mean"), max_len], zeros past each length. max_len defaults to
     lengths.max() (one host sync) and must be >= every length. out_mean / out_last let the caller reuse buffers.
+    row_lse [N, L, Hq, W] fp32, optional: each query row's log2-sum-exp2 of its scaled logits over the keys it sees
+    (FlashInfer's decode LSE convention); given, the keys are read once instead of twice.
     """
     tl_dtype = tl_kv_dtype(kv_dtype, "window_attention_pool")
     if group_reduce not in ("none", "mean"):
@@ -296,11 +309,20 @@ def window_attention_pool(k_ptrs: torch.Tensor, req_to_token: torch.Tensor, req_
     for name, t in (("out_mean", mean_out), ("out_last", last_out)):
         if t is not None and (tuple(t.shape) != shape or t.dtype != torch.float32 or not t.is_contiguous()):
             raise ValueError(f"{name} must be a contiguous float32 tensor of shape {shape}")
+    if row_lse is not None and (tuple(row_lse.shape) != (n, num_layers, num_q_heads, window)
+                                or row_lse.dtype != torch.float32 or row_lse.stride(3) != 1):
+        raise ValueError(f"row_lse must be float32 [N, L, Hq, W] = {(n, num_layers, num_q_heads, window)} with "
+                         f"a contiguous last dim; got {row_lse.dtype} {tuple(row_lse.shape)}")
     if n == 0 or out_len == 0:
         return mean_out, last_out
 
-    part_max = torch.empty((programs, splits, rows), dtype=torch.float32, device=device)
-    part_sum = torch.empty_like(part_max)
+    if row_lse is None:
+        part_max = torch.empty((programs, splits, rows), dtype=torch.float32, device=device)
+        part_sum = torch.empty_like(part_max)
+        lse_arg, lse_strides = part_max, (0, 0, 0)        # unused by the kernel
+    else:
+        part_max = part_sum = lse_arg = row_lse
+        lse_strides = tuple(row_lse.stride(i) for i in range(3))
     upcast = interpreting()          # the interpreter's tl.dot mishandles bf16; fp32 there is exact
     dot_dtype = tl.float32 if (upcast or kv_dtype == torch.float32) else tl_dtype
     dot_precision = "ieee" if dot_dtype == tl.float32 else "tf32"
@@ -314,14 +336,16 @@ def window_attention_pool(k_ptrs: torch.Tensor, req_to_token: torch.Tensor, req_
                   num_stages=cfg.num_stages)
     q_strides = [queries.stride(i) for i in range(4)]
     grid = (programs, splits)
-    _lse_partials_kernel[grid](
-        k_ptrs, req_to_token, req_rows, lengths, queries, part_max, part_sum,
-        req_to_token.stride(0), *q_strides, slot_stride, num_layers, split_len, splits, scale * LOG2E, **common)
+    if row_lse is None:
+        _lse_partials_kernel[grid](
+            k_ptrs, req_to_token, req_rows, lengths, queries, part_max, part_sum,
+            req_to_token.stride(0), *q_strides, slot_stride, num_layers, split_len, splits, scale * LOG2E, **common)
     _probabilities_kernel[grid](
-        k_ptrs, req_to_token, req_rows, lengths, queries, part_max, part_sum, mean_out,
+        k_ptrs, req_to_token, req_rows, lengths, queries, part_max, part_sum, lse_arg, mean_out,
         last_out if last_out is not None else mean_out,
-        req_to_token.stride(0), *q_strides, slot_stride, num_layers, split_len, splits, out_len, scale * LOG2E,
-        S_PAD=_next_pow2(splits), GROUP_MEAN=group_reduce == "mean", WANT_LAST=want_last_row, **common)
+        req_to_token.stride(0), *q_strides, *lse_strides, slot_stride, num_layers, split_len, splits, out_len,
+        scale * LOG2E, S_PAD=_next_pow2(splits), GROUP_MEAN=group_reduce == "mean", WANT_LAST=want_last_row,
+        LSE_GIVEN=row_lse is not None, **common)
     return mean_out, last_out
 
 

@@ -289,6 +289,8 @@ def execute(args, r: dict, index: int, total: int) -> dict:
             deltas = counter_deltas(before, after)
             head["compactions"] = deltas[AMS_COUNTERS[0]]
             head["tokens_freed"] = deltas[AMS_COUNTERS[1]]
+            head["compaction_steps"] = deltas[AMS_COUNTERS[2]]
+            head["compaction_host_s"] = round(deltas[AMS_COUNTERS[3]], 3)
             head["kept_ratio"] = after.get("sglang_ams:kept_ratio")
         else:
             print(f"{tag}: /metrics did not answer after the run (server down?)", flush=True)

@@ -8,7 +8,8 @@ import re
 _SAMPLE = re.compile(r'^([A-Za-z_:][A-Za-z0-9_:]*)(\{(?:[^"}]|"(?:[^"\\]|\\.)*")*\})?\s+(\S+)(?:\s+\S+)?\s*$')
 
 # Counters the harness reads (deltas over a run) and gauges it polls during a run.
-AMS_COUNTERS = ("sglang_ams:compactions_total", "sglang_ams:tokens_freed_total")
+AMS_COUNTERS = ("sglang_ams:compactions_total", "sglang_ams:tokens_freed_total", "sglang_ams:compaction_steps_total",
+                "sglang_ams:host_seconds_total")
 AMS_GAUGES = ("sglang_ams:kept_ratio",)
 RUNNING, QUEUED, TOKEN_USAGE = "sglang:num_running_reqs", "sglang:num_queue_reqs", "sglang:token_usage"
 

@@ -32,14 +32,15 @@ results_io = _load_results_io()
 
 # run.csv columns, then the derived ones; summary.csv has both, in this order.
 RUN_FIELDS = ["run", "config", "policy", "budget", "axis", "pressure", "server_ok", "locust_rc", "wall_s",
-              "compactions", "tokens_freed", "kept_ratio"]
+              "compactions", "tokens_freed", "kept_ratio", "compaction_steps", "compaction_host_s"]
 STAT_FIELDS = ["requests", "ok", "errors", "duration_s", "out_tok_s", "req_s", "ttft_p50_ms", "ttft_p90_ms",
                "ttft_p99_ms", "tpot_p50_ms", "tpot_p90_ms", "tpot_p99_ms", "latency_p50_s", "latency_p99_s",
                "output_tokens_mean", "prompt_tokens_mean", "cache_hit", "accuracy", "peak_running", "mean_running",
                "peak_queued", "peak_token_usage"]
 SUMMARY_FIELDS = RUN_FIELDS + STAT_FIELDS
 TABLE_COLUMNS = ["config", "axis", "pressure", "ok", "errors", "out_tok_s", "ttft_p50_ms", "ttft_p99_ms",
-                 "tpot_p50_ms", "tpot_p99_ms", "peak_running", "compactions", "tokens_freed", "kept_ratio"]
+                 "tpot_p50_ms", "tpot_p99_ms", "peak_running", "compactions", "compaction_steps",
+                 "compaction_host_s", "tokens_freed", "kept_ratio"]
 PLOTS = ("throughput_vs_memory.png", "latency_percentiles.png", "peak_running.png")
 NUMERIC = set(SUMMARY_FIELDS) - {"run", "config", "policy", "axis"}
 

@@ -75,7 +75,9 @@ def profile_available_bytes_hook(orig, self, *args, **kwargs):
     p = settings.policy
     mc = self.model_config
     group = mc.num_attention_heads // max(1, mc.num_key_value_heads)
-    fraction = ams_ring.kv_fraction(p.window, group, p.budget, p.interval)
+    head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+    interval = p.interval - settings.slack_tokens(p.interval)     # rows are lent from trigger - slack - window
+    fraction = ams_ring.kv_fraction(p.window, group, p.budget, interval, head_dim=head_dim)
     kept = int(available / (1.0 + fraction))
     logger.info("sglang-ams: reserving %.1f MiB of the KV budget for the query ring (%.2f%%)",
                 (available - kept) / 2**20, 100.0 * fraction)

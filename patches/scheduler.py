@@ -86,6 +86,7 @@ def _init_prometheus(scheduler, rt) -> None:
     _PROM.update(
         labels=labels,
         compactions=counter("compactions_total", "Request compactions"),
+        steps=counter("compaction_steps_total", "Compaction steps (one launch set for all requests compacting)"),
         tokens_freed=counter("tokens_freed_total", "KV tokens freed by compaction"),
         ring_waits=counter("ring_waits_total", "Compactions delayed because no query-ring row was free"),
         score_ms=counter("score_ms_total", "GPU milliseconds spent scoring and selecting"),
@@ -103,7 +104,7 @@ def report_decode_stats_hook(result, self, *args, **kwargs):
     snap = rt.counters.snapshot()
     if _PROM:
         seen = _last["seen"]
-        for key, field in (("compactions", "compactions"), ("tokens_freed", "tokens_freed"),
+        for key, field in (("compactions", "compactions"), ("steps", "launches"), ("tokens_freed", "tokens_freed"),
                            ("ring_waits", "ring_waits"), ("score_ms", "score_gpu_ms"),
                            ("compact_ms", "compact_gpu_ms"), ("host_s", "host_seconds")):
             delta = snap[field] - seen.get(field, 0)

@@ -11,7 +11,8 @@ from typing import Any, Callable
 
 from sglang_ams.config import EXTERNAL_NAMES, POLICIES, SCORERS, SEGMENTERS, ConfigError, PolicyConfig
 from sglang_ams.engine import settings as ams_settings
-from sglang_ams.engine.settings import ALL_NAMES, ENGINE_NAMES, PROMPT_CACHE_MODES, EngineSettings
+from sglang_ams.engine.settings import (ALL_NAMES, ENGINE_NAMES, PROMPT_CACHE_MODES, SCORING_LSE_MODES,
+                                        EngineSettings)
 
 MODULE = "sglang.srt.server_args.ServerArgs"
 ATTR = "_ams_settings"
@@ -63,8 +64,13 @@ _HELP = {
     "ring_rows": "Rows of the query ring (requests that can collect window queries at once); 0 sizes it from "
                  "the KV pool.",
     "debug_checks": "Assert bookkeeping invariants after every compaction (slow; for testing).",
+    "scoring_lse": "decode: window attention uses each window query's log-sum-exp from the decode attention "
+                   "(keys read once); recompute: the scoring kernel computes it (keys read twice).",
+    "batch_slack": "A request this fraction of its interval short of its trigger compacts together with a due "
+                   "request (fewer, larger compaction steps); 0 compacts every request exactly at its trigger.",
 }
-_CHOICES = {"policy": POLICIES, "scorer": SCORERS, "segmenter": SEGMENTERS, "prompt_cache": PROMPT_CACHE_MODES}
+_CHOICES = {"policy": POLICIES, "scorer": SCORERS, "segmenter": SEGMENTERS, "prompt_cache": PROMPT_CACHE_MODES,
+            "scoring_lse": SCORING_LSE_MODES}
 
 
 def add_cli_args_hook(result, parser: argparse.ArgumentParser):

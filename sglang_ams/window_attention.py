@@ -1,6 +1,8 @@
 """Torch reference of window attention: the Triton scoring kernel is checked against this."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .scorers.base import WindowAttention
@@ -26,6 +28,22 @@ def window_attention(keys: torch.Tensor, queries: torch.Tensor, lengths: torch.T
     probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
     probs = probs.reshape(n, nl, hq, w, t)
     return WindowAttention(mean_rows=probs.mean(dim=3), last_row=probs[:, :, :, -1])
+
+
+def window_row_lse(keys: torch.Tensor, queries: torch.Tensor, lengths: torch.Tensor,
+                   scale: float | None = None) -> torch.Tensor:
+    """[N, L, Hq, W]: each window query's log2-sum-exp2 of its scaled logits over the keys it sees (FlashInfer's
+    decode LSE convention, log2 units); -inf for a row that sees no key."""
+    n, nl, h, t, d = keys.shape
+    hq, w = queries.shape[2], queries.shape[3]
+    g = hq // h
+    scale = d ** -0.5 if scale is None else scale
+    q = queries.float().reshape(n, nl, h, g * w, d)
+    logits = torch.einsum("nlhrd,nlhtd->nlhrt", q, keys.float()) * scale
+    logits = logits.view(n, nl, h, g, w, t)
+    mask = causal_window_mask(lengths, w, t)[:, None, None, None]
+    lse = torch.logsumexp(logits.masked_fill(~mask, float("-inf")), dim=-1) / math.log(2.0)
+    return lse.reshape(n, nl, hq, w)
 
 
 def pool1d(x: torch.Tensor, kernel: int) -> torch.Tensor:

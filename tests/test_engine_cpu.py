@@ -14,6 +14,7 @@ checked the same way (`check_compaction`): moved data, untouched bytes, freed sl
 from __future__ import annotations
 
 import dataclasses
+import math
 from array import array
 from types import SimpleNamespace
 from typing import NamedTuple
@@ -42,6 +43,7 @@ from sglang_ams.engine import compactor as compactor_mod  # noqa: E402
 from sglang_ams.engine import runtime as ams_runtime  # noqa: E402
 from sglang_ams.engine.compactor import Compactor, needs_attention  # noqa: E402
 from sglang_ams.engine.settings import ENV_VAR, EngineSettings  # noqa: E402
+from sglang_ams.patches import flashinfer_decode as fi_hooks  # noqa: E402
 from sglang_ams.patches import forward_batch as fb_hooks  # noqa: E402
 from sglang_ams.patches import mem_cache as mem_hooks  # noqa: E402
 from sglang_ams.patches import radix_attention as attn_hooks  # noqa: E402
@@ -84,6 +86,7 @@ class Group:
     n_keep: torch.Tensor
     credit: torch.Tensor | None
     sel: object
+    decode_lse: bool = False       # the scoring took the window queries' LSE from the decode attention
 
 
 @dataclasses.dataclass
@@ -134,16 +137,19 @@ def recorded(monkeypatch):
 
     def recording_group(self, items):
         snap = [Item(d.req.rid, d.req.req_pool_idx, d.length, d.prefix, d.keep, d.pinned) for d in items]
+        before = self.rt.counters.decode_lse_launches
         real_group(self, items)
         cfg, inputs, n_pinned, n_keep, credit, sel = pending.pop()
-        groups.append(Group(snap, cfg, inputs, n_pinned, n_keep, credit, sel))
+        used = self.rt.counters.decode_lse_launches > before
+        groups.append(Group(snap, cfg, inputs, n_pinned, n_keep, credit, sel, used))
 
     monkeypatch.setattr(compactor_mod, "plan", recording_plan)
     monkeypatch.setattr(Compactor, "_compact_group", recording_group)
     return groups
 
 
-def make_env(groups, *, page_size=1, dtype=torch.bfloat16, policy=CFG, ring_rows=0, seed=0) -> Env:
+def make_env(groups, *, page_size=1, dtype=torch.bfloat16, policy=CFG, ring_rows=0, seed=0, batch_slack=0.0,
+             scoring_lse="decode") -> Env:
     """Pools, allocator and radix cache as SGLang builds them, and the Runtime as our alloc_memory_pool hook does."""
     gen = torch.Generator().manual_seed(seed)
     kv_pool = MHATokenToKVPool(POOL_TOKENS, page_size, dtype, KV_HEADS, HEAD_DIM, LAYERS, device="cpu",
@@ -157,7 +163,8 @@ def make_env(groups, *, page_size=1, dtype=torch.bfloat16, policy=CFG, ring_rows
         allocator = PagedTokenToKVPoolAllocator(POOL_TOKENS, page_size, dtype, "cpu", kv_pool, need_sort=False)
     tree = RadixCache(CacheInitParams(disable=False, req_to_token_pool=req_pool, token_to_kv_pool_allocator=allocator,
                                       page_size=page_size))
-    settings = EngineSettings(policy=policy, ring_rows=ring_rows, debug_checks=True)
+    settings = EngineSettings(policy=policy, ring_rows=ring_rows, debug_checks=True, batch_slack=batch_slack,
+                              scoring_lse=scoring_lse)
     shape = ams_runtime.ModelShape(num_layers=LAYERS, start_layer=0, num_kv_heads=KV_HEADS, num_q_heads=Q_HEADS,
                                    head_dim=HEAD_DIM, dtype=dtype, scale=HEAD_DIM ** -0.5)
     rt = ams_runtime.Runtime(settings, shape, kv_pool, req_pool, allocator, tiny_rope(),
@@ -240,10 +247,40 @@ def forward(env: Env, batch: ScheduleBatch) -> None:
         assert int(fb.positions[i]) == len(req.origin_input_ids) + len(req.output_ids), req.rid
     q = torch.randn(LAYERS, len(batch.reqs), Q_HEADS * HEAD_DIM, generator=env.gen).to(env.rt.shape.dtype)
     for layer in range(LAYERS):
-        attn_hooks.forward_hook(lambda *a, **k: None, SimpleNamespace(layer_id=layer), q[layer], None, None, fb)
+        wrapper = DecodeAttention(env, batch, layer)
+
+        def attend(*_args, **_kwargs):      # SGLang's FlashInfer backend calls the wrapper's (deprecated) forward
+            return fi_hooks.forward_hook(wrapper.forward_without_lse, wrapper, q[layer].view(-1, Q_HEADS, HEAD_DIM),
+                                         None, sm_scale=env.rt.shape.scale)
+        attn_hooks.forward_hook(attend, SimpleNamespace(layer_id=layer), q[layer], None, None, fb)
+        assert env.rt.ring.pending is None
     for i, req in enumerate(batch.reqs):
         env.queries[req.rid][int(fb.positions[i])] = q[:, i].view(LAYERS, Q_HEADS, HEAD_DIM)
         req.output_ids.append(int(torch.randint(0, 999, (1,), generator=env.gen)))
+
+
+class DecodeAttention:
+    """Stand-in for FlashInfer's decode wrapper of one layer: only the LSE matters here, computed the way
+    FlashInfer reports it (log2 units) over each request's keys at this step."""
+
+    def __init__(self, env: Env, batch: ScheduleBatch, layer: int):
+        self.env, self.batch, self.layer = env, batch, layer
+        self.calls_without_lse = 0
+
+    def forward_without_lse(self, *args, **kwargs):
+        self.calls_without_lse += 1
+        assert self.env.rt.settings.scoring_lse == "recompute", "the hook skipped the LSE"
+
+    def run(self, q, paged_kv_cache, *, q_scale=None, k_scale=None, v_scale=None, return_lse=False):
+        assert return_lse and self._sm_scale == self.env.rt.shape.scale
+        lses = []
+        for i, req in enumerate(self.batch.reqs):
+            slots = self.env.r2t[req.req_pool_idx, : int(self.batch.seq_lens[i])].long()
+            keys = self.env.kv_pool.k_buffer[self.layer][slots].float()                  # [T, H, d]
+            qi = q[i].float().view(KV_HEADS, Q_HEADS // KV_HEADS, HEAD_DIM)
+            logits = torch.einsum("hgd,thd->hgt", qi, keys) * self._sm_scale
+            lses.append(torch.logsumexp(logits, -1).reshape(-1) / math.log(2.0))
+        return torch.zeros_like(q), torch.stack(lses)
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -337,6 +374,7 @@ def check_selection(env: Env, g: Group, snap: Snap) -> None:
         assert torch.equal(g.inputs.query_pos, query_pos)
     reference = ScoreInputs(keys=padded(keys), values=padded(values), lengths=lengths, queries=queries,
                             query_pos=query_pos, rope=env.rt.rope, scale=env.rt.shape.scale)
+    assert g.decode_lse == (needs_attention(cfg) and env.rt.settings.scoring_lse == "decode")
     if needs_attention(cfg):        # Triton window attention over the pool == torch over dense tensors
         ref = window_attention(reference.keys, queries, lengths, reference.scale)
         for name in ("mean_rows", "last_row") if cfg.scorer == "tova" else ("mean_rows",):
@@ -517,6 +555,36 @@ def test_needs_attention():
     assert needs_attention(server.replace(policy="topk", scorer="snapkv"))
     assert not needs_attention(server.replace(policy="topk", scorer="expected_attention"))
     assert needs_attention(server.replace(scorer="expected_attention"))     # AMS mass reads attention
+
+
+@pytest.mark.parametrize("slack", [0.0, 0.5])
+def test_batch_slack_joins_a_due_request(recorded, slack):
+    """With slack 0.5 (8 of 16 interval tokens) a request 4 tokens short of its trigger, with a full window,
+    compacts in the same step as a request at its trigger; alone it never compacts early. With slack 0 each
+    compacts at its own trigger."""
+    env = make_env(recorded, batch_slack=slack)
+    a = add_request(env, "a", list(range(2000, 2030)))      # 30 tokens: trigger 56 at step 27
+    b = add_request(env, "b", list(range(3000, 3034)))      # 34 tokens: trigger 56 at step 23
+    batch = make_batch(env, [a, b])
+    history = {n: compacted(step(env, batch)) for n in range(1, 28)}
+    done = {n: c for n, c in history.items() if c}
+    if slack:
+        assert request_state.existing_state(a).compactions == 1
+        assert done == {23: {"b": (56, 40), "a": (52, 40)}}        # a joined 4 tokens early
+        assert env.rt.counters.launches == 1
+    else:
+        assert done == {23: {"b": (56, 40)}, 27: {"a": (56, 40)}}
+        assert env.rt.counters.launches == 2
+
+
+def test_scoring_lse_recompute(recorded):
+    """--ams-scoring-lse recompute: the kernel's own LSE pass, no LSE taken from the decode attention."""
+    env = make_env(recorded, scoring_lse="recompute")
+    reqs = [add_request(env, "a", list(range(2000, 2046))), add_request(env, "b", list(range(3000, 3049)))]
+    batch = make_batch(env, reqs)
+    groups = [g for _ in range(12) for g in step(env, batch)]
+    assert groups and not any(g.decode_lse for g in groups) and env.rt.counters.decode_lse_launches == 0
+    assert not env.rt.ring.has_lse
 
 
 # ---------------------------------------------------------------------------------------------- 3. ring

@@ -87,6 +87,7 @@ def _namespace(model, *flags):
     (["--kv-policy", "ams", "--attention-backend", "triton"], "cannot be combined with --attention-backend='triton'"),
     (["--kv-policy", "topk", "--kv-cache-dtype", "fp8_e4m3"], "--kv-cache-dtype='fp8_e4m3'"),
     (["--kv-policy", "ams", "--speculative-algorithm", "EAGLE"], "--speculative-algorithm"),
+    (["--kv-policy", "ams", "--ams-batch-slack", "1.0"], "ams_batch_slack (--ams-batch-slack) = 1.0 is invalid: a number in [0, 1)"),
 ])
 def test_bad_flags_exit_with_clear_message(plugins, clean_env, tiny_model, flags, needle):
     with pytest.raises(SystemExit) as err:
@@ -100,6 +101,13 @@ def test_unknown_scorer_is_rejected_by_argparse(tiny_model):
             f"prepare_server_args(['--model-path', {tiny_model!r}, '--kv-policy', 'ams', '--kv-scorer', 'magic'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert out.returncode == 2 and "--kv-scorer: invalid choice: 'magic'" in out.stderr
+
+
+def test_engine_flags_reach_settings(plugins, clean_env, tiny_model):
+    sa = _cli(tiny_model, "--kv-policy", "ams", "--ams-scoring-lse", "recompute", "--ams-batch-slack", "0.25")
+    st = sa._ams_settings
+    assert st.scoring_lse == "recompute" and st.batch_slack == 0.25 and st.slack_tokens(512) == 128
+    assert EngineSettings().slack_tokens(1) == 0      # never a whole interval: compaction always frees tokens
 
 
 def test_help_lists_flags_with_defaults(tiny_model):

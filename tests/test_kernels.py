@@ -19,7 +19,7 @@ from sglang_ams.compaction import gather_kept
 from sglang_ams.kernels.compaction import (CompactionConfig, check_keep, compact_kv, compaction_bytes,
                                            tail_to_free)
 from sglang_ams.kernels.scoring import FakePool, fake_pool, scoring_key_bytes, window_attention_pool
-from sglang_ams.window_attention import window_attention
+from sglang_ams.window_attention import window_attention, window_row_lse
 
 HAS_CUDA = torch.cuda.is_available()
 # The interpreter can only be chosen before triton is imported, so one process runs either CPU or GPU variants.
@@ -124,6 +124,38 @@ def test_scoring_padding_scale_and_query_dtype(device):
                                               q_dtype=torch.bfloat16)       # the kernel rounds queries to kv_dtype
     _assert_scores(mean, want_mean, pool.lengths, device)
     _assert_scores(last, want_last, pool.lengths, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("group,head_dim,dtype,group_reduce,window,num_splits", SCORING_CASES[:4])
+def test_scoring_with_given_row_lse(device, group, head_dim, dtype, group_reduce, window, num_splits):
+    """One key pass with the rows' LSE handed in (as the decode attention reports it) == the two-pass result."""
+    big = device == "cuda"
+    lengths = [3000, 1777, 5, 2049] if big else [83, 41, 5, 1]
+    pool, queries = _scoring_case(device, lengths=lengths, kv_heads=8 if big else 2, group=group, window=window,
+                                  head_dim=head_dim, layers=4 if big else 2, dtype=dtype, seed=11 + group)
+    keys = pool.dense("k", max(lengths)).float()
+    row_lse = window_row_lse(keys, queries.to(dtype).float(), pool.lengths)
+    assert torch.isinf(row_lse).any() and torch.isfinite(row_lse).any()    # short requests have blind rows
+    row_lse = row_lse.nan_to_num(0.0, neginf=0.0)       # as the ring holds them: blind rows never matter
+    kw = dict(group_reduce=group_reduce, num_splits=num_splits, block_t=None if big else 32)
+    mean, last = _run_scoring(pool, queries, dtype, row_lse=row_lse, **kw)
+    want_mean, want_last = _scoring_reference(pool, queries, group_reduce=group_reduce, out_len=max(lengths))
+    _assert_scores(mean, want_mean, pool.lengths, device)
+    _assert_scores(last, want_last, pool.lengths, device)
+    # A wrong LSE must show: shift every row by one (a factor of 2 in every probability).
+    off, _ = _run_scoring(pool, queries, dtype, row_lse=row_lse + 1.0, **kw)
+    torch.testing.assert_close(off, mean / 2, atol=1e-6, rtol=1e-4)
+
+
+def test_scoring_rejects_bad_row_lse():
+    pool, queries = _scoring_case("cpu", lengths=[9], kv_heads=1, group=2, window=4, head_dim=64, layers=1,
+                                  dtype=torch.bfloat16)
+    bad = torch.zeros(1, 1, 2, 3)
+    with pytest.raises(ValueError, match="row_lse must be float32"):
+        window_attention_pool(pool.k_ptrs, pool.req_to_token, pool.req_rows, pool.lengths, queries,
+                              kv_dtype=torch.bfloat16, num_kv_heads=1, head_dim=64, slot_stride=pool.slot_stride,
+                              row_lse=bad)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -314,9 +346,11 @@ _COMPILE_CHECK = textwrap.dedent("""
     common = dict(NUM_KV_HEADS=8, GROUP=4, WINDOW=8, G_PAD=4, W_PAD=8, HEAD_DIM=128, D_PAD=128, BLOCK_T=64,
                   KV_DTYPE=tl.bfloat16, DOT_DTYPE=tl.bfloat16, DOT_PRECISION="tf32")
     pointers = dict(k_ptrs="*i64", req_to_token="*i32", req_rows="*i32", lengths="*i32", queries="*bf16",
-                    part_max="*fp32", part_sum="*fp32", mean_out="*fp32", last_out="*fp32")
+                    part_max="*fp32", part_sum="*fp32", row_lse="*fp32", mean_out="*fp32", last_out="*fp32")
+    probs = dict(S_PAD=4, GROUP_MEAN=True, WANT_LAST=True)
     for kernel, extra in ((scoring._lse_partials_kernel, {}),
-                          (scoring._probabilities_kernel, dict(S_PAD=4, GROUP_MEAN=True, WANT_LAST=True))):
+                          (scoring._probabilities_kernel, dict(probs, LSE_GIVEN=False)),
+                          (scoring._probabilities_kernel, dict(probs, LSE_GIVEN=True))):
         ptx = compile_ptx(kernel, {**common, **extra}, pointers, 4)
         assert "ld.global.b16" not in ptx, kernel          # no element-wise key or query loads
         assert "f64" not in ptx, kernel                    # a float literal outside fp32 range promotes to fp64
@@ -347,5 +381,5 @@ def test_kernels_compile_for_h100_with_vector_loads():
     proc = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], env=env, capture_output=True, text=True,
                           timeout=300, cwd=tempfile.gettempdir())
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
-    assert proc.stdout.count("ok") == 3
+    assert proc.stdout.count("ok") == 4
 

@@ -448,7 +448,9 @@ def test_parse_prometheus():
     assert "this" not in v and "sglang:broken" not in v
     before = metrics.parse_prometheus("sglang_ams:compactions_total 1000\n")
     assert metrics.counter_deltas(before, v) == {"sglang_ams:compactions_total": 234.0,
-                                                  "sglang_ams:tokens_freed_total": 5.5e6}
+                                                  "sglang_ams:tokens_freed_total": 5.5e6,
+                                                  "sglang_ams:compaction_steps_total": 0.0,      # not exported
+                                                  "sglang_ams:host_seconds_total": 0.0}
     assert metrics.counter_deltas({}, {}) == {k: 0.0 for k in metrics.AMS_COUNTERS}
     assert metrics.parse_prometheus("") == {}
 

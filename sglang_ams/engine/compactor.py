@@ -1,7 +1,7 @@
 """The compaction step, run by the scheduler between decode steps (before `prepare_for_decode`).
 
 For the requests of the running batch whose physical KV reached prefix + budget + interval (and that have a full
-window of queries when their policy needs one): score every token of every layer and KV head (Triton window
+window of queries when their policy needs one), joined by those within the batch slack of that trigger: score every token of every layer and KV head (Triton window
 attention + the scorer), select keep indices (selection.py), move the kept K/V to the front of each request's
 row per head (Triton compaction, in place), free the tail slots or pages, and fix SGLang's lengths. Lengths stay
 physical; the request's position offset grows by what was dropped, and the decode step adds it to positions.
@@ -32,6 +32,7 @@ ATTENTION_SCORERS = ("tova", "snapkv", "h2o", "rkv")
 # A request decodes at least this many steps before its first compaction: under the overlap scheduler the
 # post-prefill radix-cache call for a request runs one iteration after it joined the decode batch.
 MIN_DECODE_STEPS = 2
+NOT, JOIN, DUE = 0, 1, 2          # readiness of a request to compact in this step
 
 
 def needs_attention(cfg: PolicyConfig) -> bool:
@@ -76,34 +77,45 @@ class Compactor:
             self._scorers[key] = scorer_for(cfg)
         return self._scorers[key]
 
-    # --- which requests --------------------------------------------------------------------------------
-    def _is_due(self, req, st: RequestState, length: int) -> bool:
+    # --- which requests --------------------------------------------------------------------------------------
+    def _readiness(self, req, st: RequestState, length: int) -> int:
+        """DUE at its trigger (prefix + budget + interval), JOIN within the batch slack before it, else NOT.
+
+        A policy that reads queries is ready only with a full window of them: it takes a ring row W tokens
+        before the earliest point it may compact."""
         cfg = st.cfg
         cap = req.cache_protected_len + cfg.budget + cfg.interval
+        early = cap - self.rt.settings.slack_tokens(cfg.interval)
         if req.decode_batch_idx < MIN_DECODE_STEPS:
-            return False
-        if not cfg.needs_queries:
-            return length >= cap
-        ring = self.rt.ring
-        if not st.ring_row:
-            if length >= cap - cfg.window:
-                st.ring_row = ring.acquire(req.req_pool_idx)
-                if st.ring_row:
-                    st.ring_start = length      # the query of this position is written by the coming step
-                elif length >= cap:
-                    self.rt.counters.ring_waits += 1
-            return False
-        return length >= cap and length - st.ring_start >= cfg.window
+            return NOT
+        if cfg.needs_queries:
+            ring = self.rt.ring
+            if not st.ring_row:
+                if length >= early - cfg.window:
+                    st.ring_row = ring.acquire(req.req_pool_idx)
+                    if st.ring_row:
+                        st.ring_start = length      # the query of this position is written by the coming step
+                    elif length >= cap:
+                        self.rt.counters.ring_waits += 1
+                return NOT
+            if length - st.ring_start < cfg.window:
+                return NOT
+        return DUE if length >= cap else JOIN if length >= early else NOT
 
     def due_requests(self, batch) -> list[Due]:
+        """Requests at their trigger, plus those within the slack (only when at least one is at its trigger:
+        one compaction step serves them all, and the per-step launch cost is paid once)."""
         server_cfg = self.rt.settings.policy
         lengths = batch.seq_lens_cpu.tolist()
-        due = []
+        due, join = [], []
         for i, req in enumerate(batch.reqs):
             st = state_of(req, server_cfg)
-            if st is not None and self._is_due(req, st, lengths[i]):
-                due.append(Due(i, req, st, lengths[i], req.cache_protected_len))
-        return due
+            if st is None:
+                continue
+            ready = self._readiness(req, st, lengths[i])
+            if ready != NOT:
+                (due if ready == DUE else join).append(Due(i, req, st, lengths[i], req.cache_protected_len))
+        return due + join if due else []
 
     # --- the step --------------------------------------------------------------------------------------
     def step(self, batch) -> int:
@@ -145,16 +157,19 @@ class Compactor:
 
         t0 = self._timer.mark()
         scorer = self._scorer(cfg)
-        queries = query_pos = attn = None
+        queries = query_pos = attn = row_lse = None
         if cfg.needs_queries:
             ring_rows = torch.tensor([d.state.ring_row for d in items], dtype=torch.int64, device=dev)
             newest = torch.tensor([d.length - 1 + d.state.pos_offset for d in items], dtype=torch.int64, device=dev)
             queries, query_pos = rt.ring.window_queries(ring_rows, newest)
         if needs_attention(cfg):
+            if rt.settings.scoring_lse == "decode" and rt.ring.has_lse:
+                row_lse = rt.ring.window_lse(ring_rows, newest)     # keys are then read once
+                rt.counters.decode_lse_launches += 1
             mean_rows, last_row = window_attention_pool(
                 rt.k_ptrs, r2t, rows, lengths, queries, kv_dtype=shape.dtype, num_kv_heads=shape.num_kv_heads,
                 head_dim=shape.head_dim, slot_stride=rt.slot_stride, scale=shape.scale,
-                want_last_row=cfg.scorer == "tova", max_len=t_max)
+                want_last_row=cfg.scorer == "tova", max_len=t_max, row_lse=row_lse)
             attn = WindowAttention(mean_rows=mean_rows, last_row=last_row)
         keys, values = self._dense_kv(scorer, rows, lengths, n, t_max)
         inputs = ScoreInputs(keys=keys, values=values, lengths=lengths.long(), queries=queries,

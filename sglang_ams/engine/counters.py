@@ -19,6 +19,7 @@ class Counters:
     tokens_before: int = 0          # physical tokens of compacted requests before compaction (for the kept ratio)
     tokens_kept: int = 0
     ring_waits: int = 0             # a request reached its trigger with no query-ring row free
+    decode_lse_launches: int = 0    # scoring launches that took the window queries' LSE from the decode attention
     host_seconds: float = 0.0       # scheduler time spent in the compaction step
     score_gpu_ms: float = 0.0       # scoring + selection kernels
     compact_gpu_ms: float = 0.0     # KV moves
@@ -60,10 +61,10 @@ class Counters:
 
     def summary(self) -> str:
         self.harvest()
-        return (f"AMS compactions: {self.compactions}, tokens freed: {self.tokens_freed}, "
+        return (f"AMS compactions: {self.compactions} in {self.launches} steps, tokens freed: {self.tokens_freed}, "
                 f"kept ratio: {self.kept_ratio:.3f}, scoring {self.score_gpu_ms:.1f} ms, "
                 f"compacting {self.compact_gpu_ms:.1f} ms (GPU), host {self.host_seconds * 1e3:.1f} ms, "
-                f"ring waits: {self.ring_waits}")
+                f"ring waits: {self.ring_waits}, scoring with decode LSE: {self.decode_lse_launches}")
 
 
 class Timer:

@@ -1,10 +1,15 @@
 """The query ring: the last W decode queries of the requests about to compact, per layer.
 
 Written inside the decode CUDA graph (RadixAttention hook), so its buffers are allocated before capture and
-never reallocated. Rows are lent only to requests within W tokens of their compaction trigger, which keeps the
-ring small: a request needing a row holds at least budget + interval - W private KV tokens, so
-pool_tokens / (budget + interval - W) rows always suffice for requests at the server's budget.
+never reallocated. Rows are lent only to requests within W tokens of the earliest point they may compact (their
+trigger, less the batch slack), which keeps the ring small: a request needing a row holds at least
+budget + interval - slack - W private KV tokens, so pool_tokens / (budget + interval - slack - W) rows always
+suffice for requests at the server's budget (callers pass interval - slack as `interval`).
 Row 0 is a trash row: padded graph entries and requests without a row write there.
+
+Next to each query the ring keeps its LSE from the decode attention (log2 units, FlashInfer's convention): the
+log-sum-exp over exactly the keys the scoring's causal window mask lets that query see, because no compaction
+happens while a request holds a row. With it the scoring kernel reads the keys once instead of twice.
 """
 from __future__ import annotations
 
@@ -18,12 +23,15 @@ def rows_for_pool(pool_tokens: int, budget: int, interval: int, window: int) -> 
 
 
 def bytes_per_row(num_layers: int, window: int, num_q_heads: int, head_dim: int, elem_bytes: int) -> int:
-    return num_layers * window * num_q_heads * head_dim * elem_bytes
+    """Queries plus their fp32 LSE."""
+    return num_layers * window * num_q_heads * (head_dim * elem_bytes + 4)
 
 
-def kv_fraction(window: int, group_size: int, budget: int, interval: int) -> float:
+def kv_fraction(window: int, group_size: int, budget: int, interval: int, head_dim: int = 128,
+                elem_bytes: int = 2) -> float:
     """Ring bytes as a fraction of the KV pool bytes when sized by rows_for_pool."""
-    return window * group_size / (2.0 * max(1, budget + interval - window))
+    per_query = 1.0 + 4.0 / (head_dim * elem_bytes)          # the LSE next to each query
+    return window * group_size * per_query / (2.0 * max(1, budget + interval - window))
 
 
 class QueryRing:
@@ -31,8 +39,11 @@ class QueryRing:
                  req_slots: int, dtype: torch.dtype, device):
         self.window = window
         self.buf = torch.zeros(num_layers, rows + 1, window, num_q_heads, head_dim, dtype=dtype, device=device)
+        self.lse = torch.zeros(num_layers, rows + 1, window, num_q_heads, dtype=torch.float32, device=device)
         self.row_of = torch.zeros(req_slots, dtype=torch.int64, device=device)   # req_pool_idx -> ring row
         self._free = list(range(rows, 0, -1))
+        self.pending = None         # (layer, req_pool_indices, positions) while a decode attention call runs
+        self.lse_layers = set()     # layers whose decode attention has reported its LSE (set on the host)
 
     @property
     def rows(self) -> int:
@@ -43,7 +54,12 @@ class QueryRing:
         return len(self._free)
 
     def nbytes(self) -> int:
-        return self.buf.numel() * self.buf.element_size() + self.row_of.numel() * 8
+        return self.buf.numel() * self.buf.element_size() + self.lse.numel() * 4 + self.row_of.numel() * 8
+
+    @property
+    def has_lse(self) -> bool:
+        """Every layer's decode attention reports its LSE (checked on the host when the hooks ran)."""
+        return len(self.lse_layers) == self.buf.shape[0]
 
     # --- inside the graph ---
     def write(self, layer: int, q: torch.Tensor, req_pool_indices: torch.Tensor, positions: torch.Tensor) -> None:
@@ -52,6 +68,14 @@ class QueryRing:
         slots = positions % self.window
         heads, dim = self.buf.shape[3], self.buf.shape[4]
         self.buf[layer][rows, slots] = q.reshape(-1, heads, dim).to(self.buf.dtype)
+
+    def write_lse(self, layer: int, lse: torch.Tensor, req_pool_indices: torch.Tensor,
+                  positions: torch.Tensor) -> None:
+        """Store the decode attention's LSE [B, Hq] (log2 units) next to the queries of the same step."""
+        rows = self.row_of[req_pool_indices]
+        slots = positions % self.window
+        self.lse[layer][rows, slots] = lse.reshape(-1, self.lse.shape[3]).float()
+        self.lse_layers.add(layer)
 
     # --- scheduler side ---
     def acquire(self, req_pool_idx: int) -> int:
@@ -68,10 +92,20 @@ class QueryRing:
 
     def window_queries(self, rows: torch.Tensor, newest_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries [N, L, Hq, W, d] oldest first, and their logical positions [N, W]."""
-        w = self.window
-        query_pos = newest_pos[:, None] - (w - 1) + torch.arange(w, device=newest_pos.device)[None, :]
-        slots = query_pos % w                                                  # [N, W]
+        query_pos, slots = self._window_slots(newest_pos)
         per_req = self.buf[:, rows]                                            # [L, N, W, Hq, d]
         idx = slots[None, :, :, None, None].expand(per_req.shape[0], -1, -1, *per_req.shape[3:])
         ordered = torch.gather(per_req, 2, idx)
         return ordered.permute(1, 0, 3, 2, 4).contiguous(), query_pos
+
+    def window_lse(self, rows: torch.Tensor, newest_pos: torch.Tensor) -> torch.Tensor:
+        """The queries' LSE [N, L, Hq, W] (log2 units), in the order of window_queries."""
+        _, slots = self._window_slots(newest_pos)
+        per_req = self.lse[:, rows]                                            # [L, N, W, Hq]
+        idx = slots[None, :, :, None].expand(per_req.shape[0], -1, -1, per_req.shape[3])
+        return torch.gather(per_req, 2, idx).permute(1, 0, 3, 2).contiguous()
+
+    def _window_slots(self, newest_pos: torch.Tensor):
+        w = self.window
+        query_pos = newest_pos[:, None] - (w - 1) + torch.arange(w, device=newest_pos.device)[None, :]
+        return query_pos, query_pos % w                                        # [N, W] each

@@ -92,7 +92,7 @@ def ring_rows_for(settings: EngineSettings, pool_tokens: int) -> int:
     if settings.ring_rows:
         return settings.ring_rows
     p = settings.policy
-    return ring_mod.rows_for_pool(pool_tokens, p.budget, p.interval, p.window)
+    return ring_mod.rows_for_pool(pool_tokens, p.budget, p.interval - settings.slack_tokens(p.interval), p.window)
 
 
 def check_pool(kv_pool, allocator) -> None:

@@ -15,6 +15,7 @@ from ..config import EXTERNAL_NAMES, ConfigError, PolicyConfig
 
 ENV_VAR = "AMS_KV_CONFIG"
 PROMPT_CACHE_MODES = ("private", "cached")
+SCORING_LSE_MODES = ("decode", "recompute")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +24,8 @@ class EngineSettings:
     prompt_cache: str = "private"   # "cached": the prompt goes into the radix tree (pinned); "private": compressible
     ring_rows: int = 0              # query-ring rows; 0 = sized from the KV pool
     debug_checks: bool = False      # assert bookkeeping invariants after every compaction (slow)
+    scoring_lse: str = "decode"     # "decode": the decode attention's LSE of each window query (keys read once)
+    batch_slack: float = 0.5        # fraction of the interval a request may compact early to join a due one
 
     def __post_init__(self):
         if self.prompt_cache not in PROMPT_CACHE_MODES:
@@ -31,6 +34,15 @@ class EngineSettings:
             raise ConfigError("ams_ring_rows", self.ring_rows, "an integer >= 0 (0 = automatic)")
         if not isinstance(self.debug_checks, bool):
             raise ConfigError("ams_debug_checks", self.debug_checks, "true or false")
+        if self.scoring_lse not in SCORING_LSE_MODES:
+            raise ConfigError("ams_scoring_lse", self.scoring_lse, "one of " + ", ".join(SCORING_LSE_MODES))
+        if isinstance(self.batch_slack, bool) or not isinstance(self.batch_slack, (int, float)) \
+                or not 0.0 <= self.batch_slack < 1.0:
+            raise ConfigError("ams_batch_slack", self.batch_slack, "a number in [0, 1)")
+
+    def slack_tokens(self, interval: int) -> int:
+        """Tokens before its trigger at which a request joins another request's compaction (< interval)."""
+        return min(interval - 1, int(self.batch_slack * interval))
 
     @property
     def enabled(self) -> bool:
@@ -46,7 +58,8 @@ class EngineSettings:
         return cls(policy=PolicyConfig(**d.pop("policy")), **d)
 
 
-ENGINE_NAMES = {"prompt_cache": "ams_prompt_cache", "ring_rows": "ams_ring_rows", "debug_checks": "ams_debug_checks"}
+ENGINE_NAMES = {"prompt_cache": "ams_prompt_cache", "ring_rows": "ams_ring_rows", "debug_checks": "ams_debug_checks",
+                "scoring_lse": "ams_scoring_lse", "batch_slack": "ams_batch_slack"}
 ALL_NAMES = tuple(EXTERNAL_NAMES.values()) + tuple(ENGINE_NAMES.values())
 
 
