@@ -13,6 +13,8 @@ measures (torch copy of a >= 1 GiB buffer, read + write counted):
               (every kept token moves here: keep[j] != j; = 2 x kept x layers x heads x dim x 2 B x 2)
   scoring     bytes = key bytes read: 2 passes x N*T x layers x heads x dim x 2 B; `min_frac` also gives the
               rate counting each key once (what a single-read kernel would need to beat)
+  scoring_lse the engine's default: the window queries' LSE comes from the decode attention, one key pass;
+              bytes = N*T x layers x heads x dim x 2 B (frac_copy = min_frac)
 The KV pool is scattered like a paged SGLang pool after churn: each request's positions map to a random
 permutation of 16-token pages (--page 1 for fully random slots).
 """
@@ -90,6 +92,7 @@ def grid_rows(models, grid, mem_bytes):
                 if not fits(model, requests, tokens, mem_bytes):
                     continue
                 rows.append(("scoring", model, tokens, None, requests))
+                rows.append(("scoring_lse", model, tokens, None, requests))
                 rows.extend(("compaction", model, tokens, kept, requests) for kept in grid["kept"] if kept < tokens)
     return rows
 
@@ -176,17 +179,22 @@ def copy_bandwidth(device, gib: float, warmup: int, reps: int) -> float:
 
 # ---------------------------------------------------------------------------------------------- runs
 
-def run_scoring(pool: Pool, table, model: ModelShape, requests: int, tokens: int, window: int, device, generator):
+def run_scoring(pool: Pool, table, model: ModelShape, requests: int, tokens: int, window: int, device, generator,
+                given_lse: bool = False):
     from sglang_ams.kernels.scoring import window_attention_pool
     queries = torch.randn(requests, model.layers, model.kv_heads * model.group, window, model.head_dim,
                           generator=generator).to(torch.bfloat16).to(device)
+    # Any finite LSE times the same work; roughly what random keys and queries give at this length.
+    row_lse = torch.full(queries.shape[:4], 12.0 + 1.5 * float(torch.log2(torch.tensor(float(tokens)))),
+                         device=device) if given_lse else None
     lengths = torch.full((requests,), tokens, dtype=torch.int32, device=device)
     rows = torch.arange(1, requests + 1, dtype=torch.int32, device=device)
 
     def fn():
         return window_attention_pool(pool.k_ptrs, table, rows, lengths, queries, kv_dtype=torch.bfloat16,
                                      num_kv_heads=model.kv_heads, head_dim=model.head_dim,
-                                     slot_stride=pool.k_buffers[0].stride(0), group_reduce="mean", max_len=tokens)
+                                     slot_stride=pool.k_buffers[0].stride(0), group_reduce="mean", max_len=tokens,
+                                     row_lse=row_lse)
     return fn
 
 
@@ -259,9 +267,10 @@ def measure(args, device) -> tuple[list[dict], float | None]:
             row = dict(kernel=kernel, model=model.name, layers=model.layers, kv_heads=model.kv_heads,
                        head_dim=model.head_dim, group=model.group, tokens=tokens, kept=kept, requests=requests,
                        kv_gb=kv_bytes(model, requests, tokens) / GB)
-            if kernel == "scoring":
-                fn = run_scoring(pool, table, model, requests, tokens, args.window, device, generator)
-                row.update(window=args.window, bytes=scoring_bytes(model, requests, tokens),
+            if kernel.startswith("scoring"):
+                one_pass = kernel == "scoring_lse"
+                fn = run_scoring(pool, table, model, requests, tokens, args.window, device, generator, one_pass)
+                row.update(window=args.window, bytes=scoring_bytes(model, requests, tokens, 1 if one_pass else 2),
                            min_bytes=scoring_bytes(model, requests, tokens, passes=1))
             else:
                 fn, moved = run_compaction(pool, table, model, requests, tokens, kept, device, generator)
@@ -271,7 +280,7 @@ def measure(args, device) -> tuple[list[dict], float | None]:
                 seconds = time_cuda(fn, args.warmup, args.reps, flush)
                 row.update(ms=seconds * 1e3, gbps=row["bytes"] / seconds / GB,
                            frac_copy=row["bytes"] / seconds / copy_bps)
-                if kernel == "scoring":
+                if kernel.startswith("scoring"):
                     row["min_frac"] = row["min_bytes"] / seconds / copy_bps
             else:
                 fn()                                   # interpreter: it runs, no timing claims

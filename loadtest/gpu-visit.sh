@@ -15,12 +15,13 @@ setup)
   python3 .gpu/sglang-kit/tools/mkmodel.py /tmp/llama8b 8b
   python3 -c "import locust, gevent; print('locust', locust.__version__)";;
 run)
-  configs=$2; mtt=$3; budgets=${4:-512,1024}
+  # POLICY_ARGS: extra flags for policy servers; LT: results folder (runs of one folder share its table)
+  configs=$2; mtt=$3; budgets=${4:-512,1024}; lt=${LT:-/tmp/lt}
   python3 loadtest/compare.py --model-path /tmp/llama8b --load-format dummy --skip-tokenizer-init --python python3 \
     --configs "$configs" --max-total-tokens "$mtt" --budgets "$budgets" --kv-interval 128 \
-    --output-len 2048 --users 24 --requests 24 --run-timeout 300 \
-    --server-args="--attention-backend flashinfer" --out /tmp/lt 2>&1 | tail -25
-  cp -r /tmp/lt "$OUT/";;
+    --output-len 2048 --users 24 --requests 24 --run-timeout 300 --policy-args="${POLICY_ARGS:-}" \
+    --server-args="--attention-backend flashinfer" --out "$lt" 2>&1 | tail -25
+  cp -r "$lt" "$OUT/";;
 savejit)
   bash .gpu/sglang-kit/tools/jit-cache.sh save "$OUT/jit" > /dev/null 2>&1; ls "$OUT/jit";;
 esac

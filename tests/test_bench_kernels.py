@@ -39,7 +39,7 @@ def test_grid_skips_what_does_not_fit(bench):
         assert kept is None or kept < tokens
     llama = [r for r in rows if r[1].name == "llama3-8b" and r[0] == "scoring"]
     assert max(r[4] for r in llama if r[2] == 32768) == 8            # 16 x 32k x 128 KiB = 68.7 GB: skipped
-    assert {r[0] for r in rows} == {"scoring", "compaction"}
+    assert {r[0] for r in rows} == {"scoring", "scoring_lse", "compaction"}
 
 
 def test_inputs_are_valid(bench):
@@ -62,7 +62,7 @@ def test_dry_run_writes_a_report(bench, tmp_path):
     for key in ("date", "git_commit", "command", "copy_gbps", "settings", "check"):
         assert key in saved
     assert saved["check"]["compaction_exact"] and saved["check"]["scoring_max_abs_err"] < 1e-4
-    assert {r["kernel"] for r in saved["rows"]} == {"scoring", "compaction"}
+    assert {r["kernel"] for r in saved["rows"]} == {"scoring", "scoring_lse", "compaction"}
 
 
 def test_default_output_name(bench):

@@ -12,6 +12,7 @@ prefix lengths and budgets. Nothing here reads a GPU value back on the host.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 
 import torch
@@ -166,10 +167,13 @@ class Compactor:
             if rt.settings.scoring_lse == "decode" and rt.ring.has_lse:
                 row_lse = rt.ring.window_lse(ring_rows, newest)     # keys are then read once
                 rt.counters.decode_lse_launches += 1
-            mean_rows, last_row = window_attention_pool(
-                rt.k_ptrs, r2t, rows, lengths, queries, kv_dtype=shape.dtype, num_kv_heads=shape.num_kv_heads,
-                head_dim=shape.head_dim, slot_stride=rt.slot_stride, scale=shape.scale,
-                want_last_row=cfg.scorer == "tova", max_len=t_max, row_lse=row_lse)
+            attention = functools.partial(
+                window_attention_pool, rt.k_ptrs, r2t, rows, lengths, queries, kv_dtype=shape.dtype,
+                num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim, slot_stride=rt.slot_stride,
+                scale=shape.scale, want_last_row=cfg.scorer == "tova", max_len=t_max)
+            mean_rows, last_row = attention(row_lse=row_lse)
+            if row_lse is not None and rt.settings.debug_checks:
+                check_decode_lse(mean_rows, attention()[0], items)
             attn = WindowAttention(mean_rows=mean_rows, last_row=last_row)
         keys, values = self._dense_kv(scorer, rows, lengths, n, t_max)
         inputs = ScoreInputs(keys=keys, values=values, lengths=lengths.long(), queries=queries,
@@ -255,6 +259,17 @@ class Compactor:
             batch.orig_seq_lens = batch.orig_seq_lens - delta_dev.to(batch.orig_seq_lens.dtype)
         batch.seq_lens_sum = None
         batch.batch_is_full = False
+
+
+def check_decode_lse(got: torch.Tensor, recomputed: torch.Tensor, items: list[Due]) -> None:
+    """Debug mode: window attention from the decode attention's LSE equals the kernel's own two-pass result
+    (catches a wrong LSE convention or a query/LSE mismatch in the ring)."""
+    err = float((got - recomputed).abs().max())
+    scale = float(recomputed.abs().max())
+    logger.debug("sglang-ams: decode-LSE window attention max abs error %.3g (max value %.3g)", err, scale)
+    if not torch.allclose(got, recomputed, atol=2e-4, rtol=2e-2):
+        raise AssertionError(f"window attention from the decode LSE differs from the recomputed one by {err:.3g} "
+                             f"(max value {scale:.3g}) for requests {[d.req.rid for d in items]}")
 
 
 def check_invariants(rt: Runtime, batch) -> None:

@@ -374,6 +374,8 @@ def main():
                                        "metrics": m, "bad_log_lines": bad_lines, "seconds": dt}
                 retracted = sum("retract" in line.lower() and "server_args" not in line
                                 for line in s.log_text().splitlines())
+                counters = [line for line in s.log_text().splitlines() if "AMS compactions:" in line]
+                note(f"(b) {name} last counter line: {counters[-1].split('] ')[-1] if counters else 'none'}")
                 note(f"(b) {name}: {len(res)} requests in {dt:.0f} s; non-bad all 200: {ok_normal}; "
                      f"bad all 400: {ok_bad} ({len(by_kind.get('bad', []))}); alive after idle check: {alive}; "
                      f"error lines: {len(bad_lines)}; compactions {m.get('sglang_ams:compactions_total', 0):.0f}, "
