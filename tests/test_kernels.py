@@ -136,7 +136,9 @@ def test_scoring_with_given_row_lse(device, group, head_dim, dtype, group_reduce
                                   head_dim=head_dim, layers=4 if big else 2, dtype=dtype, seed=11 + group)
     keys = pool.dense("k", max(lengths)).float()
     row_lse = window_row_lse(keys, queries.to(dtype).float(), pool.lengths)
-    assert torch.isinf(row_lse).any() and torch.isfinite(row_lse).any()    # short requests have blind rows
+    assert torch.isfinite(row_lse).any()
+    if min(lengths) < window:           # a request shorter than the window has rows that see no key
+        assert torch.isinf(row_lse).any()
     row_lse = row_lse.nan_to_num(0.0, neginf=0.0)       # as the ring holds them: blind rows never matter
     kw = dict(group_reduce=group_reduce, num_splits=num_splits, block_t=None if big else 32)
     mean, last = _run_scoring(pool, queries, dtype, row_lse=row_lse, **kw)
