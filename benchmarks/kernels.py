@@ -180,7 +180,7 @@ def copy_bandwidth(device, gib: float, warmup: int, reps: int) -> float:
 # ---------------------------------------------------------------------------------------------- runs
 
 def run_scoring(pool: Pool, table, model: ModelShape, requests: int, tokens: int, window: int, device, generator,
-                given_lse: bool = False):
+                given_lse: bool = False, num_splits: int | None = None):
     from sglang_ams.kernels.scoring import window_attention_pool
     queries = torch.randn(requests, model.layers, model.kv_heads * model.group, window, model.head_dim,
                           generator=generator).to(torch.bfloat16).to(device)
@@ -194,7 +194,7 @@ def run_scoring(pool: Pool, table, model: ModelShape, requests: int, tokens: int
         return window_attention_pool(pool.k_ptrs, table, rows, lengths, queries, kv_dtype=torch.bfloat16,
                                      num_kv_heads=model.kv_heads, head_dim=model.head_dim,
                                      slot_stride=pool.k_buffers[0].stride(0), group_reduce="mean", max_len=tokens,
-                                     row_lse=row_lse)
+                                     row_lse=row_lse, num_splits=num_splits)
     return fn
 
 
@@ -269,7 +269,8 @@ def measure(args, device) -> tuple[list[dict], float | None]:
                        kv_gb=kv_bytes(model, requests, tokens) / GB)
             if kernel.startswith("scoring"):
                 one_pass = kernel == "scoring_lse"
-                fn = run_scoring(pool, table, model, requests, tokens, args.window, device, generator, one_pass)
+                fn = run_scoring(pool, table, model, requests, tokens, args.window, device, generator, one_pass,
+                                 args.num_splits)
                 row.update(window=args.window, bytes=scoring_bytes(model, requests, tokens, 1 if one_pass else 2),
                            min_bytes=scoring_bytes(model, requests, tokens, passes=1))
             else:
@@ -329,7 +330,7 @@ def report(args, device, results, copy_bps) -> dict:
         torch=torch.__version__, triton=__import__("triton").__version__,
         copy_gbps=None if copy_bps is None else copy_bps / GB,
         settings=dict(warmup=args.warmup, reps=args.reps, window=args.window, page=args.page, mem_gb=args.mem_gb,
-                      flush_mb=args.flush_mb, quick=args.quick),
+                      flush_mb=args.flush_mb, quick=args.quick, num_splits=args.num_splits),
         rows=results)
 
 
@@ -354,6 +355,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-splits", type=int, default=None, help="scoring splits per row (default: the kernel's choice)")
     p.add_argument("--out", default="", help="JSON path (default: benchmarks/results/kernels-<date>-<device>.json)")
     args = p.parse_args(argv)
     if args.window is None:

@@ -330,6 +330,8 @@ def main():
         specs["ams-p16"] = policy + ["--page-size", "16"]
     if "p" in parts:     # the prompt cached in the radix tree and pinned; only generated tokens compress
         specs["ams-cached"] = policy + ["--page-size", "16", "--ams-prompt-cache", "cached"]
+        # Upstream at the same page size, radix hits included: the floor for "alone vs together" outputs.
+        specs["none-p16"] = ["--kv-policy", "none", "--attention-backend", "flashinfer", "--page-size", "16"]
     if "t" in parts:     # memory pressure: a pool smaller than the running requests' full KV (retractions)
         specs["ams-tight"] = policy + ["--page-size", "16", "--max-total-tokens", "6144"]
     t0 = time.time()
@@ -382,7 +384,7 @@ def main():
                      f"tokens freed {m.get('sglang_ams:tokens_freed_total', 0):.0f}, "
                      f"kept ratio {m.get('sglang_ams:kept_ratio', 0):.3f}; log lines mentioning retraction: {retracted}")
         if "b" in parts or "p" in parts:
-            for name in [n for n in ("none", "ams-p1", "ams-p16", "ams-cached") if n in servers]:
+            for name in [n for n in ("none", "none-p16", "ams-p1", "ams-p16", "ams-cached") if n in servers]:
                 same, first = prefix_sharing(servers[name], tok, train, gsm, 8, 160)
                 DETAILS[f"prefix-{name}"] = first
                 hits = DETAILS.get(f"prefix-cached-tokens-{name}")
