@@ -149,7 +149,7 @@ def recorded(monkeypatch):
 
 
 def make_env(groups, *, page_size=1, dtype=torch.bfloat16, policy=CFG, ring_rows=0, seed=0, batch_slack=0.0,
-             scoring_lse="decode") -> Env:
+             scoring_lse="decode", debug_checks=True) -> Env:
     """Pools, allocator and radix cache as SGLang builds them, and the Runtime as our alloc_memory_pool hook does."""
     gen = torch.Generator().manual_seed(seed)
     kv_pool = MHATokenToKVPool(POOL_TOKENS, page_size, dtype, KV_HEADS, HEAD_DIM, LAYERS, device="cpu",
@@ -163,7 +163,7 @@ def make_env(groups, *, page_size=1, dtype=torch.bfloat16, policy=CFG, ring_rows
         allocator = PagedTokenToKVPoolAllocator(POOL_TOKENS, page_size, dtype, "cpu", kv_pool, need_sort=False)
     tree = RadixCache(CacheInitParams(disable=False, req_to_token_pool=req_pool, token_to_kv_pool_allocator=allocator,
                                       page_size=page_size))
-    settings = EngineSettings(policy=policy, ring_rows=ring_rows, debug_checks=True, batch_slack=batch_slack,
+    settings = EngineSettings(policy=policy, ring_rows=ring_rows, debug_checks=debug_checks, batch_slack=batch_slack,
                               scoring_lse=scoring_lse)
     shape = ams_runtime.ModelShape(num_layers=LAYERS, start_layer=0, num_kv_heads=KV_HEADS, num_q_heads=Q_HEADS,
                                    head_dim=HEAD_DIM, dtype=dtype, scale=HEAD_DIM ** -0.5)
@@ -374,7 +374,8 @@ def check_selection(env: Env, g: Group, snap: Snap) -> None:
         assert torch.equal(g.inputs.query_pos, query_pos)
     reference = ScoreInputs(keys=padded(keys), values=padded(values), lengths=lengths, queries=queries,
                             query_pos=query_pos, rope=env.rt.rope, scale=env.rt.shape.scale)
-    assert g.decode_lse == (needs_attention(cfg) and env.rt.settings.scoring_lse == "decode")
+    assert g.decode_lse == (needs_attention(cfg) and env.rt.settings.scoring_lse == "decode"
+                            and env.rt.decode_lse_ok is not False)
     if needs_attention(cfg):        # Triton window attention over the pool == torch over dense tensors
         ref = window_attention(reference.keys, queries, lengths, reference.scale)
         for name in ("mean_rows", "last_row") if cfg.scorer == "tova" else ("mean_rows",):
@@ -575,6 +576,28 @@ def test_batch_slack_joins_a_due_request(recorded, slack):
     else:
         assert done == {23: {"b": (56, 40)}, 27: {"a": (56, 40)}}
         assert env.rt.counters.launches == 2
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_decode_lse_in_another_convention_is_caught(recorded, monkeypatch, debug):
+    """An attention kernel reporting its LSE in natural-log units: the first scoring's check catches it; the
+    server logs it and recomputes from then on (debug mode raises instead). Selections stay right."""
+    real_run = DecodeAttention.run
+
+    def natural_log_run(self, *args, **kwargs):
+        out, lse = real_run(self, *args, **kwargs)
+        return out, lse * math.log(2.0)
+    monkeypatch.setattr(DecodeAttention, "run", natural_log_run)
+    env = make_env(recorded, debug_checks=debug)
+    reqs = [add_request(env, "a", list(range(2000, 2046))), add_request(env, "b", list(range(3000, 3049)))]
+    batch = make_batch(env, reqs)
+    if debug:
+        with pytest.raises(AssertionError, match="differs from the recomputed one"):
+            for _ in range(12):
+                step(env, batch)
+        return
+    groups = [g for _ in range(12) for g in step(env, batch)]       # check_selection: attention == reference
+    assert groups and env.rt.decode_lse_ok is False and env.rt.counters.decode_lse_launches == 0
 
 
 def test_scoring_lse_recompute(recorded):

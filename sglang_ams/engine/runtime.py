@@ -62,6 +62,7 @@ class Runtime:
             self.ring = ring_mod.QueryRing(shape.num_layers, ring_rows, settings.policy.window, shape.num_q_heads,
                                            shape.head_dim, req_slots, shape.dtype, self.device)
         self.counters = Counters()
+        self.decode_lse_ok = None       # None: not checked yet; False: the decode LSE disagreed, recompute it
         self.tree_cache = None
         self.forward_stream = None
         self.overlap = False
