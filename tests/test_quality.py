@@ -407,3 +407,11 @@ def test_report_agreement_between_backends(tmp_path):
     assert (ref["n"], ref["correct"]) == (3, 2)
     assert [a["label"] for a in summary["ablations"]] == ["ams/snapkv@0.25", "ams/snapkv@0.25[use_credit=False]"]
     assert summary["ablations"][1]["jitter_tokens"] == 3.0 and summary["ablations"][1]["segments_mean"] == 5.0
+
+
+def test_needle_survival_counts_heads_and_tokens():
+    import needle_survival as NS
+    # 1 layer, 2 heads, 3 kept positions each; needle = positions [4, 7)
+    kept = torch.tensor([[[0, 4, 6], [1, 2, 9]]])
+    per_token, blind = NS.survival(kept, 4, 7)
+    assert per_token == [0.5, 0.0, 0.5] and blind == 0.5
