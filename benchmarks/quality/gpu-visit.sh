@@ -1,29 +1,38 @@
 #!/usr/bin/env bash
-# The quality harness's server backend on the GPU machine (after tests/gpu/visit.sh setup built the model folder):
-# starts a policy server with the harness's flags and runs GSM8K CoT through it into a copy of the CPU results,
-# so the report also gives the agreement between the reference loop and SGLang.
-#   bash benchmarks/quality/gpu-visit.sh DATA_DIR [MODEL_DIR]      (MODEL_DIR: the converted SmolLM2 folder)
+# The quality harness's server backend on the GPU machine (after tests/gpu/visit.sh setup, and build:NAME for a
+# model other than SmolLM2): starts one policy server with the harness's flags (per-request overrides then run
+# every policy, scorer and budget through it) and runs the harness into OUT/quality.
+#   bash benchmarks/quality/gpu-visit.sh DATA_DIR [MODEL_DIR]
+# Environment:
+#   MODEL_NAME    sglang_ams.models name of MODEL_DIR (default smollm2-135m; MODEL_DIR default /tmp/smollm2 for it,
+#                 /tmp/models/NAME otherwise)
+#   QUALITY_ARGS  run.py arguments (default: GSM8K CoT, 8 questions, 256 tokens, budget 25 %, none/topk/ams)
+#   BASE          a results folder copied first, so the report gives the agreement with those (CPU) rows
+#                 (default: the SmolLM2 CPU results for SmolLM2, nothing otherwise)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 TMP=${TMPDIR:-/tmp}
 OUT=${OUT:-$TMP/q-out}; mkdir -p "$OUT"
 source .gpu/sglang-kit/tools/env.sh
 data=$1
-model=${2:-$TMP/smollm2}
+name=${MODEL_NAME:-smollm2-135m}
+if [ "$name" = smollm2-135m ]; then model=${2:-$TMP/smollm2}; base=${BASE-benchmarks/results/quality-smollm2-135m-cpu}
+else model=${2:-$TMP/models/$name}; base=${BASE-}; fi
+args=${QUALITY_ARGS:---tasks gsm8k_cot --limit 8 --max-new-tokens gsm8k_cot=256 --budgets 0.25 --policies none,topk,ams}
 # The harness finds models by name in the sglang-ams cache: point the name at the folder built on this machine.
 export SGLANG_AMS_CACHE=$TMP/amscache
-mkdir -p "$SGLANG_AMS_CACHE/smollm2-135m" && ln -sfn "$model" "$SGLANG_AMS_CACHE/smollm2-135m/hf"
-python3 -c "import json, sys; from sglang_ams.models import MODELS, MARKER; s = MODELS['smollm2-135m']; \
-open(sys.argv[1] + '/' + MARKER, 'w').write(json.dumps({'name': s.name, 'gguf_sha256': s.gguf_sha256}))" "$model"
-flags=$(python3 benchmarks/quality/run.py --print-server-flags --model smollm2-135m --budgets 0.25 --policies none,topk,ams \
-        --tasks gsm8k_cot | tail -1 | sed 's/^python -m sglang.launch_server --model-path MODEL//')
-(cd "$TMP" && setsid python3 -m sglang.launch_server --model-path "$model" --port 30500 --mem-fraction-static 0.2 $flags \
+mkdir -p "$SGLANG_AMS_CACHE/$name" && ln -sfn "$model" "$SGLANG_AMS_CACHE/$name/hf"
+python3 -c "import json, sys; from sglang_ams.models import MODELS, MARKER; s = MODELS[sys.argv[2]]; \
+open(sys.argv[1] + '/' + MARKER, 'w').write(json.dumps({'name': s.name, 'gguf_sha256': s.gguf_sha256}))" "$model" "$name"
+flags=$(python3 benchmarks/quality/run.py --print-server-flags --model "$name" | tail -1 \
+        | sed 's/^python -m sglang.launch_server --model-path MODEL//')
+(cd "$TMP" && setsid python3 -m sglang.launch_server --model-path "$model" --port 30500 --mem-fraction-static 0.3 $flags \
    > "$OUT/server.log" 2>&1 &)
-python3 .gpu/sglang-kit/tools/bench.py wait --port 30500 --timeout 300 || { tail -30 "$OUT/server.log"; exit 1; }
-rm -rf "$TMP/q" && cp -r benchmarks/results/quality-smollm2-135m-cpu "$TMP/q"
-python3 benchmarks/quality/run.py --backend server --url http://127.0.0.1:30500 --model smollm2-135m --data "$data" \
-  --tasks gsm8k_cot --limit 8 --max-new-tokens gsm8k_cot=256 --budgets 0.25 --policies none,topk,ams \
-  --no-progress --out "$TMP/q" > "$OUT/run.log" 2>&1
+python3 .gpu/sglang-kit/tools/bench.py wait --port 30500 --timeout 400 || { tail -30 "$OUT/server.log"; exit 1; }
+rm -rf "$TMP/q" && mkdir -p "$TMP/q" && { [ -z "$base" ] || cp -r "$base"/. "$TMP/q"; }
+# shellcheck disable=SC2086
+python3 benchmarks/quality/run.py --backend server --url http://127.0.0.1:30500 --model "$name" --data "$data" \
+  $args --no-progress --out "$TMP/q" > "$OUT/run.log" 2>&1
 echo "run.py rc $?"; tail -15 "$OUT/run.log"
 cp -r "$TMP/q" "$OUT/quality"; grep "AMS compactions" "$OUT/server.log" | tail -1
 pkill -f "port 30500"; sleep 2

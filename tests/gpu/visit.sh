@@ -4,7 +4,9 @@
 #   run 2:  bash .gpu/sglang-kit/c2/unpack.sh && bash tests/gpu/visit.sh stash          (carry c2, m1, tools, jit)
 #   run 3+: bash tests/gpu/visit.sh setup kernels bench e2e savejit ...                   (carry m2, plugin, data)
 # Phases:
-#   stash    keep the GGUF parts carried in .gpu/m*/ under /tmp/gguf (lost when the machine goes cold)
+#   stash    keep the GGUF parts carried in .gpu/m*/ (SmolLM2) and .gpu/p-NAME-NN/ (tests/gpu/split-model.sh)
+#            under /tmp/gguf (lost when the machine goes cold)
+#   build:NAME  join NAME's parts, check the GGUF's sha256 and convert it into /tmp/models/NAME
 #   setup    install the plugin wheel into the kit's site, join and convert the GGUF into /tmp/smollm2
 #   kernels  the `gpu` kernel tests;  bench: benchmarks/kernels.py --quick (JSON to $OUT)
 #   e2e      tests/gpu/engine_e2e.py on the real model ($E2E_ARGS adds arguments, e.g. --only a)
@@ -22,7 +24,18 @@ for phase in "$@"; do
   t0=$(date +%s)
   case $phase in
   stash)
-    mkdir -p /tmp/gguf && cp .gpu/m*/part* /tmp/gguf/ 2>/dev/null; say "stash: $(ls /tmp/gguf | tr '\n' ' ')";;
+    mkdir -p /tmp/gguf && cp .gpu/m*/part* /tmp/gguf/ 2>/dev/null
+    for d in .gpu/p-*; do [ -f "$d/part" ] && cp "$d/part" "/tmp/gguf/${d#.gpu/p-}"; done
+    say "stash: $(ls /tmp/gguf | tr '\n' ' ')";;
+  build:*)
+    name=${phase#build:}
+    cat /tmp/gguf/"$name"-?? > /tmp/"$name".gguf
+    python3 -c "import sys; from sglang_ams.models import MODELS; print(MODELS[sys.argv[1]].gguf_sha256, ' ', sys.argv[2])" \
+      "$name" /tmp/"$name".gguf | sha256sum -c - > /dev/null || { say "build: $name GGUF checksum FAILED"; exit 1; }
+    mkdir -p /tmp/models
+    python3 -c "import sys; from pathlib import Path; from sglang_ams.models import _convert; _convert(Path(sys.argv[1]), Path(sys.argv[2]))" \
+      /tmp/"$name".gguf /tmp/models/"$name" > "$OUT/convert-$name.log" 2>&1 || { tail -20 "$OUT/convert-$name.log"; exit 1; }
+    say "build: $name in /tmp/models/$name";;
   setup)
     python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .gpu/plugin/*.whl \
       > "$OUT/pip.log" 2>&1 || { cat "$OUT/pip.log"; exit 1; }

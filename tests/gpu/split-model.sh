@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# CPU side: cut a built model's GGUF into parts that fit one device run each (56 MiB), one folder per part:
+#   bash tests/gpu/split-model.sh qwen2.5-coder-0.5b      ->  .gpu/p-qwen2.5-coder-0.5b-NN/part
+# Carry one folder per run (back to back, with `bash tests/gpu/visit.sh stash`), then `visit.sh build:NAME`.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+name=$1
+gguf=${SGLANG_AMS_CACHE:-$HOME/.cache/sglang-ams}/$name/$name.gguf
+[ -f "$gguf" ] || { echo "no $gguf: run 'sglang-ams model build $name' first"; exit 1; }
+rm -rf .gpu/p-"$name"-* /tmp/split-"$name" && mkdir -p /tmp/split-"$name"
+split -b 56M -d -a 2 "$gguf" /tmp/split-"$name"/
+for f in /tmp/split-"$name"/*; do mkdir -p ".gpu/p-$name-$(basename "$f")" && mv "$f" ".gpu/p-$name-$(basename "$f")/part"; done
+rm -rf /tmp/split-"$name"; ls -d .gpu/p-"$name"-*
