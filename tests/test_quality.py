@@ -415,3 +415,9 @@ def test_needle_survival_counts_heads_and_tokens():
     kept = torch.tensor([[[0, 4, 6], [1, 2, 9]]])
     per_token, blind = NS.survival(kept, 4, 7)
     assert per_token == [0.5, 0.0, 0.5] and blind == 0.5
+
+
+def test_needle_region_kept_fractions():
+    import needle_survival as NS
+    kept = torch.tensor([[[0, 4, 6], [1, 2, 9]]])      # 2 heads; region [0, 4) holds 1 + 2 kept of 8 entries
+    assert NS.region_kept(kept, {"a": (0, 4), "b": (8, 10), "empty": (5, 5)}) == {"a": 3 / 8, "b": 1 / 4}

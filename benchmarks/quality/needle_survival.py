@@ -43,6 +43,15 @@ def first_kept_positions(model, tokenizer, task, cfg: PolicyConfig):
     return result, (kept[0] if kept else None)
 
 
+def region_kept(kept: torch.Tensor, regions: dict[str, tuple[int, int]]) -> dict[str, float]:
+    """Per region [a, b): the fraction of its (token, layer, head) entries that were kept."""
+    out = {}
+    for name, (a, b) in regions.items():
+        if b > a:
+            out[name] = float(((kept >= a) & (kept < b)).sum(-1).float().mean()) / (b - a)
+    return out
+
+
 def survival(kept: torch.Tensor, start: int, end: int) -> tuple[list[float], float]:
     """Per needle token, the fraction of (layer, head) keeping it; and the share of heads keeping none of it."""
     per_token = [float((kept == p).any(-1).float().mean()) for p in range(start, end)]
@@ -80,15 +89,19 @@ def main(argv=None) -> int:
                     t0 = time.perf_counter()
                     result, kept = first_kept_positions(model, tokenizer, task, cfg)
                     per_token, blind = survival(kept, start, end)
+                    n = len(task.prompt_ids)
+                    regions = {"haystack before": (cfg.sink, start), "needle": (start, end),
+                               "haystack after": (end, n - 64), "last 64 prompt tokens": (n - 64, n)}
                     row = dict(length=length, depth=depth, seed=seed, policy=policy, scorer=a.scorer, budget=budget,
                                answer=result.text, correct=bool(task.check(result.text or "")),
                                needle_tokens=tokens, kept_per_token=per_token,
                                kept_mean=sum(per_token) / len(per_token), heads_without_needle=blind,
+                               region_kept=region_kept(kept, regions),
                                seconds=time.perf_counter() - t0)
                     rows.append(row)
                     print(f"{length} {depth:.1f} seed {seed} {policy:5s} correct {row['correct']!s:5s} "
-                          f"{result.text!r:12s} needle kept {row['kept_mean']:.3f}, heads without any {blind:.3f}",
-                          flush=True)
+                          f"{result.text!r:12s} needle kept {row['kept_mean']:.3f}, heads without any {blind:.3f}; "
+                          + ", ".join(f"{k} {v:.3f}" for k, v in row["region_kept"].items()), flush=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(dict(command=" ".join(sys.argv), settings=H.HARNESS_DEFAULTS, rows=rows),
                                       indent=1))
