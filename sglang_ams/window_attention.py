@@ -15,18 +15,23 @@ def causal_window_mask(lengths: torch.Tensor, window: int, num_tokens: int) -> t
     return t[None, None, :] <= last_seen[:, :, None]
 
 
-def window_attention(keys: torch.Tensor, queries: torch.Tensor, lengths: torch.Tensor,
-                     scale: float | None = None) -> WindowAttention:
+def _masked_logits(keys: torch.Tensor, queries: torch.Tensor, lengths: torch.Tensor, scale: float | None):
+    """Scaled logits [N, L, H, G, W, T] of every window query, -inf where the causal window mask hides a key."""
     n, nl, h, t, d = keys.shape
     hq, w = queries.shape[2], queries.shape[3]
-    g = hq // h
     scale = d ** -0.5 if scale is None else scale
-    q = queries.float().reshape(n, nl, h, g * w, d)
+    q = queries.float().reshape(n, nl, h, (hq // h) * w, d)
     logits = torch.einsum("nlhrd,nlhtd->nlhrt", q, keys.float()) * scale
-    logits = logits.view(n, nl, h, g, w, t)
+    logits = logits.view(n, nl, h, hq // h, w, t)
     mask = causal_window_mask(lengths, w, t)[:, None, None, None]        # [N,1,1,1,W,T]
-    probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
-    probs = probs.reshape(n, nl, hq, w, t)
+    return logits.masked_fill(~mask, float("-inf"))
+
+
+def window_attention(keys: torch.Tensor, queries: torch.Tensor, lengths: torch.Tensor,
+                     scale: float | None = None) -> WindowAttention:
+    n, nl, hq, w = queries.shape[:4]
+    probs = torch.softmax(_masked_logits(keys, queries, lengths, scale), dim=-1).nan_to_num(0.0)
+    probs = probs.reshape(n, nl, hq, w, keys.shape[3])
     return WindowAttention(mean_rows=probs.mean(dim=3), last_row=probs[:, :, :, -1])
 
 
@@ -34,16 +39,8 @@ def window_row_lse(keys: torch.Tensor, queries: torch.Tensor, lengths: torch.Ten
                    scale: float | None = None) -> torch.Tensor:
     """[N, L, Hq, W]: each window query's log2-sum-exp2 of its scaled logits over the keys it sees (FlashInfer's
     decode LSE convention, log2 units); -inf for a row that sees no key."""
-    n, nl, h, t, d = keys.shape
-    hq, w = queries.shape[2], queries.shape[3]
-    g = hq // h
-    scale = d ** -0.5 if scale is None else scale
-    q = queries.float().reshape(n, nl, h, g * w, d)
-    logits = torch.einsum("nlhrd,nlhtd->nlhrt", q, keys.float()) * scale
-    logits = logits.view(n, nl, h, g, w, t)
-    mask = causal_window_mask(lengths, w, t)[:, None, None, None]
-    lse = torch.logsumexp(logits.masked_fill(~mask, float("-inf")), dim=-1) / math.log(2.0)
-    return lse.reshape(n, nl, hq, w)
+    lse = torch.logsumexp(_masked_logits(keys, queries, lengths, scale), dim=-1) / math.log(2.0)
+    return lse.reshape(queries.shape[:4])
 
 
 def pool1d(x: torch.Tensor, kernel: int) -> torch.Tensor:
