@@ -1,13 +1,15 @@
 """The compaction step, run by the scheduler between decode steps (before `prepare_for_decode`).
 
 For the requests of the running batch whose physical KV reached prefix + budget + interval (and that have a full
-window of queries when their policy needs one), joined by those within the batch slack of that trigger: score every token of every layer and KV head (Triton window
-attention + the scorer), select keep indices (selection.py), move the kept K/V to the front of each request's
-row per head (Triton compaction, in place), free the tail slots or pages, and fix SGLang's lengths. Lengths stay
-physical; the request's position offset grows by what was dropped, and the decode step adds it to positions.
+window of queries when their policy needs one), joined by those within the batch slack of that trigger: score
+every token of every layer and KV head (Triton window attention + the scorer), select keep indices
+(selection.py), move the kept K/V to the front of each request's row per head (Triton compaction, in place),
+free the tail slots or pages, and fix SGLang's lengths. Lengths stay physical; the request's position offset
+grows by what was dropped, and the decode step adds it to positions.
 
 Decisions (who compacts, how many tokens stay) come only from host state that every TP rank shares: lengths,
-prefix lengths and budgets. Nothing here reads a GPU value back on the host.
+prefix lengths and budgets. Nothing here reads a GPU value back on the host, except the one check of the
+decode-attention LSE per server (every launch in debug mode).
 """
 from __future__ import annotations
 
