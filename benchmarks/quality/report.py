@@ -118,55 +118,56 @@ def _num(x, digits=1) -> str:
     return "" if x is None else f"{x:.{digits}f}"
 
 
+def _section(title: str, intro: str, header: str, align: str, rows: list[str]) -> list[str]:
+    """A markdown section: heading, optional intro paragraph, and a table."""
+    return [title, ""] + ([intro, ""] if intro else []) + [header, align] + rows + [""]
+
+
 def markdown(summary: dict) -> str:
     lines = []
     keys = sorted({(a["backend"], a["model"], a["task"]) for a in summary["accuracy"]})
     for backend, model, task in keys:
-        lines += [f"### {task} — {model}, {backend} backend", "",
-                  "| policy | n | accuracy | 95% CI | budget | compactions | peak KV | gen. tokens | s/run "
-                  "| wipe-out (steps) | wipe-out (32-tok) | jitter (tok) |",
-                  "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        rows = []
         for a in summary["accuracy"]:
             if (a["backend"], a["model"], a["task"]) != (backend, model, task):
                 continue
             lo, hi = a["ci95"]
-            lines.append(f"| {a['label']} | {a['n']} | {a['correct']}/{a['n']} = {_pct(a['accuracy'])} "
-                         f"| [{_pct(lo)}, {_pct(hi)}] | {_num(a['budget_mean'], 0)} | {_num(a['compactions_mean'])} "
-                         f"| {_num(a['peak_kv_mean'], 0)} | {_num(a['generated_mean'], 0)} "
-                         f"| {_num(a['seconds_mean'])} | {_pct(a['wipeout_step'])} | {_pct(a['wipeout_fixed32'])} "
-                         f"| {_num(a['jitter_tokens'], 2)} |")
-        lines.append("")
+            rows.append(f"| {a['label']} | {a['n']} | {a['correct']}/{a['n']} = {_pct(a['accuracy'])} "
+                        f"| [{_pct(lo)}, {_pct(hi)}] | {_num(a['budget_mean'], 0)} | {_num(a['compactions_mean'])} "
+                        f"| {_num(a['peak_kv_mean'], 0)} | {_num(a['generated_mean'], 0)} "
+                        f"| {_num(a['seconds_mean'])} | {_pct(a['wipeout_step'])} | {_pct(a['wipeout_fixed32'])} "
+                        f"| {_num(a['jitter_tokens'], 2)} |")
+        lines += _section(f"### {task} — {model}, {backend} backend", "",
+                          "| policy | n | accuracy | 95% CI | budget | compactions | peak KV | gen. tokens | s/run "
+                          "| wipe-out (steps) | wipe-out (32-tok) | jitter (tok) |",
+                          "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|", rows)
     if summary["wipeout_pairs"]:
-        lines += ["### Region wipe-out rate, global top-k vs AMS at equal budget", "",
-                  "Fraction of (block, layer, KV head) with no kept token, over all compactions; blocks = reasoning "
-                  "steps (lines of the generated text) or fixed 32-token blocks of the compressible region.", "",
-                  "| task | scorer | budget | top-k steps | AMS steps | top-k 32-tok | AMS 32-tok | top-k acc "
-                  "| AMS acc | n |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for p in summary["wipeout_pairs"]:
-            lines.append(f"| {p['task']} | {p['scorer']} | {p['budget_frac']:g} | {_pct(p['topk_step'])} "
-                         f"| {_pct(p['ams_step'])} | {_pct(p['topk_fixed32'])} | {_pct(p['ams_fixed32'])} "
-                         f"| {_pct(p['topk_accuracy'])} | {_pct(p['ams_accuracy'])} | {p['n']} |")
-        lines.append("")
+        rows = [f"| {p['task']} | {p['scorer']} | {p['budget_frac']:g} | {_pct(p['topk_step'])} "
+                f"| {_pct(p['ams_step'])} | {_pct(p['topk_fixed32'])} | {_pct(p['ams_fixed32'])} "
+                f"| {_pct(p['topk_accuracy'])} | {_pct(p['ams_accuracy'])} | {p['n']} |"
+                for p in summary["wipeout_pairs"]]
+        lines += _section("### Region wipe-out rate, global top-k vs AMS at equal budget",
+                          "Fraction of (block, layer, KV head) with no kept token, over all compactions; blocks = "
+                          "reasoning steps (lines of the generated text) or fixed 32-token blocks of the compressible "
+                          "region.",
+                          "| task | scorer | budget | top-k steps | AMS steps | top-k 32-tok | AMS 32-tok | top-k acc "
+                          "| AMS acc | n |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|", rows)
     if summary["ablations"]:
-        lines += ["### AMS ablations (DESIGN.md §2) and boundary jitter", "",
-                  "Jitter: mean distance (logical tokens) from each AMS segment boundary to the nearest boundary of "
-                  "the previous compaction, over the region compressible at both.", "",
-                  "| task | variant | n | accuracy | 95% CI | segments/compaction | wipe-out (steps) "
-                  "| wipe-out (32-tok) | jitter (tok) |", "|---|---|---:|---:|---|---:|---:|---:|---:|"]
-        for a in summary["ablations"]:
-            lo, hi = a["ci95"]
-            lines.append(f"| {a['task']} | {a['label']} | {a['n']} | {_pct(a['accuracy'])} "
-                         f"| [{_pct(lo)}, {_pct(hi)}] "
-                         f"| {_num(a['segments_mean'])} | {_pct(a['wipeout_step'])} | {_pct(a['wipeout_fixed32'])} "
-                         f"| {_num(a['jitter_tokens'], 2)} |")
-        lines.append("")
+        rows = [f"| {a['task']} | {a['label']} | {a['n']} | {_pct(a['accuracy'])} "
+                f"| [{_pct(a['ci95'][0])}, {_pct(a['ci95'][1])}] "
+                f"| {_num(a['segments_mean'])} | {_pct(a['wipeout_step'])} | {_pct(a['wipeout_fixed32'])} "
+                f"| {_num(a['jitter_tokens'], 2)} |" for a in summary["ablations"]]
+        lines += _section("### AMS ablations (DESIGN.md §2) and boundary jitter",
+                          "Jitter: mean distance (logical tokens) from each AMS segment boundary to the nearest "
+                          "boundary of the previous compaction, over the region compressible at both.",
+                          "| task | variant | n | accuracy | 95% CI | segments/compaction | wipe-out (steps) "
+                          "| wipe-out (32-tok) | jitter (tok) |", "|---|---|---:|---:|---|---:|---:|---:|---:|", rows)
     if summary["agreement"]:
-        lines += ["### Agreement between the reference and server paths", "",
-                  "| task | policy | examples | same answer | same correctness |", "|---|---|---:|---:|---:|"]
-        for g in summary["agreement"]:
-            lines.append(f"| {g['task']} | {g['label']} | {g['examples']} | {g['same_answer']} ({_pct(g['agreement'])})"
-                         f" | {g['same_correctness']} |")
-        lines.append("")
+        rows = [f"| {g['task']} | {g['label']} | {g['examples']} | {g['same_answer']} ({_pct(g['agreement'])})"
+                f" | {g['same_correctness']} |" for g in summary["agreement"]]
+        lines += _section("### Agreement between the reference and server paths", "",
+                          "| task | policy | examples | same answer | same correctness |", "|---|---|---:|---:|---:|",
+                          rows)
     return "\n".join(lines)
 
 
