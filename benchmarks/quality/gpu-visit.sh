@@ -4,8 +4,8 @@
 # every policy, scorer and budget through it) and runs the harness into OUT/quality.
 #   bash benchmarks/quality/gpu-visit.sh DATA_DIR [MODEL_DIR]
 # Environment:
-#   MODEL_NAME    sglang_ams.models name of MODEL_DIR (default smollm2-135m; MODEL_DIR default /tmp/smollm2 for it,
-#                 /tmp/models/NAME otherwise)
+#   MODEL_NAME    sglang_ams.models name of MODEL_DIR (default smollm2-135m; MODEL_DIR default $TMP/smollm2 for it,
+#                 $TMP/models/NAME otherwise; TMP = $TMPDIR or /tmp, as in tests/gpu/visit.sh)
 #   QUALITY_ARGS  run.py arguments (default: GSM8K CoT, 8 questions, 256 tokens, budget 25 %, none/topk/ams)
 #   BASE          a results folder copied first, so the report gives the agreement with those (CPU) rows
 #                 (default: the SmolLM2 CPU results for SmolLM2, nothing otherwise)

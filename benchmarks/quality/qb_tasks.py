@@ -5,7 +5,7 @@ Every task turns a data row into an `Example`: prompt token ids (the chat templa
 sglang_ams.demo._render), teacher-forced answer start (retrieval tasks only, see below), gold answer, the number of
 new tokens, and the length the budget fractions refer to (`basis`):
 
-  task          data (under /work/shared/data or $SGLANG_AMS_DATA)        basis        answer
+  task          data (under ../shared/data or $SGLANG_AMS_DATA)        basis        answer
   gsm8k_cot     gsm8k/test.jsonl, zero-shot chat CoT                     generation   "The answer is N" / last number
   gsm8k_8shot   gsm8k/test.jsonl + first 8 train rows as chat turns       generation   same (sglang_ams.demo.gsm8k_task)
   math500       math500/test.clean.jsonl, "\\boxed{}" instruction         generation   last \\boxed{...}, normalised

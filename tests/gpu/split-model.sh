@@ -7,7 +7,8 @@ cd "$(dirname "$0")/../.."
 name=$1
 gguf=${SGLANG_AMS_CACHE:-$HOME/.cache/sglang-ams}/$name/$name.gguf
 [ -f "$gguf" ] || { echo "no $gguf: run 'sglang-ams model build $name' first"; exit 1; }
-rm -rf .gpu/p-"$name"-* /tmp/split-"$name" && mkdir -p /tmp/split-"$name"
-split -b 56M -d -a 2 "$gguf" /tmp/split-"$name"/
-for f in /tmp/split-"$name"/*; do mkdir -p ".gpu/p-$name-$(basename "$f")" && mv "$f" ".gpu/p-$name-$(basename "$f")/part"; done
-rm -rf /tmp/split-"$name"; ls -d .gpu/p-"$name"-*
+work=$(mktemp -d)
+rm -rf .gpu/p-"$name"-*
+split -b 56M -d -a 2 "$gguf" "$work"/
+for f in "$work"/*; do mkdir -p ".gpu/p-$name-$(basename "$f")" && mv "$f" ".gpu/p-$name-$(basename "$f")/part"; done
+rm -rf "$work"; ls -d .gpu/p-"$name"-*

@@ -5,9 +5,9 @@
 #   run 3+: bash tests/gpu/visit.sh setup kernels bench e2e savejit ...                   (carry m2, plugin, data)
 # Phases:
 #   stash    keep the GGUF parts carried in .gpu/m*/ (SmolLM2) and .gpu/p-NAME-NN/ (tests/gpu/split-model.sh)
-#            under /tmp/gguf (lost when the machine goes cold)
-#   build:NAME  join NAME's parts, check the GGUF's sha256 and convert it into /tmp/models/NAME
-#   setup    install the plugin wheel into the kit's site, join and convert the GGUF into /tmp/smollm2
+#            under $TMP/gguf (lost when the machine goes cold)
+#   build:NAME  join NAME's parts, check the GGUF's sha256 and convert it into $TMP/models/NAME
+#   setup    install the plugin wheel into the kit's site, join and convert the GGUF into $TMP/smollm2
 #   kernels  the `gpu` kernel tests;  bench: benchmarks/kernels.py --quick (JSON to $OUT)
 #   e2e      tests/gpu/engine_e2e.py on the real model ($E2E_ARGS adds arguments, e.g. --only a)
 #   examples examples/offline_engine.py and examples/frontend_programs.py against a policy server
@@ -15,39 +15,42 @@
 # Prints a summary last; details go under $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-OUT=${OUT:-/tmp/visit-out}; mkdir -p "$OUT"
+TMP=${TMPDIR:-/tmp}            # scratch on the GPU machine (models, GGUF parts); the kit's site is $KIT_SITE
+OUT=${OUT:-$TMP/visit-out}; mkdir -p "$OUT"
 source .gpu/sglang-kit/tools/env.sh
 SUMMARY=()
 say() { SUMMARY+=("$*"); echo "### $*"; }
+
+# build_gguf NAME OUT_DIR PART...: join the parts, check the sha256 sglang_ams.models has for NAME, convert to OUT_DIR.
+build_gguf() {
+  local name=$1 out=$2; shift 2
+  cat "$@" > "$TMP/$name.gguf"
+  python3 -c "import sys; from sglang_ams.models import MODELS; print(MODELS[sys.argv[1]].gguf_sha256 + '  ' + sys.argv[2])" \
+    "$name" "$TMP/$name.gguf" | sha256sum -c - > /dev/null || { say "$name: GGUF checksum FAILED"; return 1; }
+  mkdir -p "$(dirname "$out")"
+  python3 -c "import sys; from pathlib import Path; from sglang_ams.models import _convert; _convert(Path(sys.argv[1]), Path(sys.argv[2]))" \
+    "$TMP/$name.gguf" "$out" > "$OUT/convert-$name.log" 2>&1 || { tail -20 "$OUT/convert-$name.log"; return 1; }
+}
 
 for phase in "$@"; do
   t0=$(date +%s)
   case $phase in
   stash)
-    mkdir -p /tmp/gguf && cp .gpu/m*/part* /tmp/gguf/ 2>/dev/null
-    for d in .gpu/p-*; do [ -f "$d/part" ] && cp "$d/part" "/tmp/gguf/${d#.gpu/p-}"; done
-    say "stash: $(ls /tmp/gguf | tr '\n' ' ')";;
+    mkdir -p "$TMP/gguf" && cp .gpu/m*/part* "$TMP/gguf/" 2>/dev/null
+    for d in .gpu/p-*; do [ -f "$d/part" ] && cp "$d/part" "$TMP/gguf/${d#.gpu/p-}"; done
+    say "stash: $(ls "$TMP/gguf" | tr '\n' ' ')";;
   build:*)
     name=${phase#build:}
-    cat /tmp/gguf/"$name"-?? > /tmp/"$name".gguf
-    python3 -c "import sys; from sglang_ams.models import MODELS; print(MODELS[sys.argv[1]].gguf_sha256, ' ', sys.argv[2])" \
-      "$name" /tmp/"$name".gguf | sha256sum -c - > /dev/null || { say "build: $name GGUF checksum FAILED"; exit 1; }
-    mkdir -p /tmp/models
-    python3 -c "import sys; from pathlib import Path; from sglang_ams.models import _convert; _convert(Path(sys.argv[1]), Path(sys.argv[2]))" \
-      /tmp/"$name".gguf /tmp/models/"$name" > "$OUT/convert-$name.log" 2>&1 || { tail -20 "$OUT/convert-$name.log"; exit 1; }
-    say "build: $name in /tmp/models/$name";;
+    build_gguf "$name" "$TMP/models/$name" "$TMP/gguf/$name"-?? || exit 1
+    say "build: $name in $TMP/models/$name";;
   setup)
-    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .gpu/plugin/*.whl \
+    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$KIT_SITE" .gpu/plugin/*.whl \
       > "$OUT/pip.log" 2>&1 || { cat "$OUT/pip.log"; exit 1; }
-    cp .gpu/m*/part* /tmp/gguf/ 2>/dev/null
-    if [ ! -f /tmp/smollm2/config.json ]; then
-      cat /tmp/gguf/part0 /tmp/gguf/part1 /tmp/gguf/part2 > /tmp/smollm2.gguf
-      echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  /tmp/smollm2.gguf" | sha256sum -c - \
-        || { say "setup: GGUF checksum FAILED"; exit 1; }
-      python3 -c "from pathlib import Path; from sglang_ams.models import _convert; _convert(Path('/tmp/smollm2.gguf'), Path('/tmp/smollm2'))" \
-        > "$OUT/convert.log" 2>&1 || { tail -20 "$OUT/convert.log"; exit 1; }
+    mkdir -p "$TMP/gguf" && cp .gpu/m*/part* "$TMP/gguf/" 2>/dev/null
+    if [ ! -f "$TMP/smollm2/config.json" ]; then
+      build_gguf smollm2-135m "$TMP/smollm2" "$TMP"/gguf/part0 "$TMP"/gguf/part1 "$TMP"/gguf/part2 || exit 1
     fi
-    say "setup: plugin $(python3 -c 'import importlib.metadata as m; print(m.version("sglang-ams"))'), model $(ls /tmp/smollm2 | tr '\n' ' ')";;
+    say "setup: plugin $(python3 -c 'import importlib.metadata as m; print(m.version("sglang-ams"))'), model $(ls "$TMP/smollm2" | tr '\n' ' ')";;
   kernels)
     (cd tests && python3 -m pytest -q -m gpu -p no:cacheprovider --rootdir=. test_kernels.py) > "$OUT/kernel-tests.log" 2>&1
     say "kernels: $(tail -1 "$OUT/kernel-tests.log")";;
@@ -55,15 +58,15 @@ for phase in "$@"; do
     python3 benchmarks/kernels.py --quick --out "$OUT/kernels.json" > "$OUT/kernels-bench.log" 2>&1
     say "bench: rc $? ($(wc -l < "$OUT/kernels-bench.log") lines)"; tail -40 "$OUT/kernels-bench.log";;
   e2e)
-    python3 tests/gpu/engine_e2e.py --model /tmp/smollm2 --data .gpu/data --out "$OUT/e2e" ${E2E_ARGS:-} \
+    python3 tests/gpu/engine_e2e.py --model "$TMP/smollm2" --data .gpu/data --out "$OUT/e2e" ${E2E_ARGS:-} \
       > "$OUT/e2e.log" 2>&1
     rc=$?; grep "^###" "$OUT/e2e.log" | tail -20; [ $rc -ne 0 ] && tail -60 "$OUT/e2e.log"
     say "e2e: rc $rc";;
   examples)
-    python3 examples/offline_engine.py --model-path /tmp/smollm2 --budget 128 --interval 32 --max-new-tokens 400 \
+    python3 examples/offline_engine.py --model-path "$TMP/smollm2" --budget 128 --interval 32 --max-new-tokens 400 \
       --mem-fraction-static 0.2 > "$OUT/example-offline.log" 2>&1
     say "examples: offline_engine rc $?"; grep -E "^\[|^scheduler" "$OUT/example-offline.log" | tail -10
-    (cd /tmp && setsid python3 -m sglang.launch_server --model-path /tmp/smollm2 --kv-policy ams --kv-budget 128 \
+    (cd "$TMP" && setsid python3 -m sglang.launch_server --model-path $TMP/smollm2 --kv-policy ams --kv-budget 128 \
       --kv-interval 32 --port 30400 --mem-fraction-static 0.2 > "$OUT/example-server.log" 2>&1 &)
     python3 .gpu/sglang-kit/tools/bench.py wait --port 30400 --timeout 300 > /dev/null 2>&1
     python3 examples/frontend_programs.py --url http://127.0.0.1:30400 --max-tokens 400 > "$OUT/example-frontend.log" 2>&1
