@@ -14,7 +14,7 @@ def forward_hook(orig, self, q, paged_kv_cache, pos_encoding_mode="NONE", q_scal
                  window_left=-1, logits_soft_cap=None, sm_scale=None, rope_scale=None, rope_theta=None):
     rt = ams_runtime.get()
     pending = rt.ring.pending if rt is not None and rt.ring is not None else None
-    if pending is None or rt.settings.scoring_lse != "decode":
+    if pending is None:
         return orig(self, q, paged_kv_cache, pos_encoding_mode, q_scale, k_scale, v_scale, window_left,
                     logits_soft_cap, sm_scale, rope_scale, rope_theta)
     rt.ring.pending = None

@@ -15,7 +15,8 @@ def forward_hook(orig, self, q, k, v, forward_batch, *args, **kwargs):
         return orig(self, q, k, v, forward_batch, *args, **kwargs)
     layer = self.layer_id - rt.shape.start_layer
     rt.ring.write(layer, q, forward_batch.req_pool_indices, forward_batch.positions)
-    rt.ring.pending = (layer, forward_batch.req_pool_indices, forward_batch.positions)
+    if rt.settings.scoring_lse == "decode":
+        rt.ring.pending = (layer, forward_batch.req_pool_indices, forward_batch.positions)
     try:
         return orig(self, q, k, v, forward_batch, *args, **kwargs)
     finally:
