@@ -16,11 +16,12 @@ setup)
   python3 .gpu/sglang-kit/tools/mkmodel.py $TMP/llama8b 8b
   python3 -c "import locust, gevent; print('locust', locust.__version__)";;
 run)
-  # POLICY_ARGS: extra flags for policy servers; LT: results folder (runs of one folder share its table)
-  configs=$2; mtt=$3; budgets=${4:-512,1024}; lt=${LT:-$TMP/lt}
+  # POLICY_ARGS: extra flags for policy servers; LT: results folder (runs of one folder share its table);
+  # PORT: the server's port (tests/gpu/on-gpus.sh gives each job its own)
+  configs=$2; mtt=$3; budgets=${4:-512,1024}; port=${PORT:-30000}; lt=${LT:-$TMP/lt-$port}
   python3 loadtest/compare.py --model-path $TMP/llama8b --load-format dummy --skip-tokenizer-init --python python3 \
     --configs "$configs" --max-total-tokens "$mtt" --budgets "$budgets" --kv-interval 128 \
-    --output-len 2048 --users 24 --requests 24 --run-timeout 300 --policy-args="${POLICY_ARGS:-}" \
+    --output-len 2048 --users 24 --requests 24 --run-timeout 300 --port "$port" --policy-args="${POLICY_ARGS:-}" \
     --server-args="--attention-backend flashinfer" --out "$lt" 2>&1 | tail -25
   cp -r "$lt" "$OUT/";;
 savejit)

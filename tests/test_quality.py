@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -384,6 +385,37 @@ def test_resumable_run_skips_done_items_and_reports(tmp_path, monkeypatch):
     assert len(summary["wipeout_pairs"]) == 2 and (out / "accuracy.png").is_file()
     md = (out / "report.md").read_text()
     assert "| ams/snapkv@0.25 |" in md and "Region wipe-out" in md
+
+
+def test_concurrent_server_runs_keep_every_row(tmp_path, monkeypatch):
+    import threading
+    data = synthetic_data(tmp_path)
+    lock, state = threading.Lock(), {"now": 0, "peak": 0}
+
+    class FakeServer:
+        name, tokenizer = "server", byte_tokenizer()
+
+        def generate(self, example, cfg):
+            with lock:
+                state["now"] += 1
+                state["peak"] = max(state["peak"], state["now"])
+            time.sleep(0.05)                      # long enough for the pool to have several requests in flight
+            with lock:
+                state["now"] -= 1
+            return {"text": f" {example.gold}.", "n_generated": 3, "seconds": 0.05}
+
+    monkeypatch.setattr(run, "make_backend", lambda a: FakeServer())
+    out = tmp_path / "out"
+    argv = ["--backend", "server", "--tasks", "gsm8k_cot,needle", "--limit", "2", "--max-new-tokens",
+            "gsm8k_cot=24,needle=4", "--needle-lengths", "150", "--needle-depths", "0.5", "--budgets", "0.25",
+            "--policies", "none,topk,ams", "--data", str(data), "--out", str(out), "--no-progress", "--model", "tiny"]
+    assert run.main(argv + ["--concurrency", "4"]) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert state["peak"] > 1 and len(rows) == (2 + 1) * 3
+    assert len({(r["task"], r["example_id"], r["policy_hash"]) for r in rows}) == len(rows)
+    assert all(r["correct"] for r in rows)
+    with pytest.raises(SystemExit, match="--concurrency"):
+        run.main(argv[2:] + ["--concurrency", "2"])           # the reference backend runs one request at a time
 
 
 def test_report_agreement_between_backends(tmp_path):

@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--kv-keys", type=int, default=75, help="kv_retrieval: key-value records per prompt")
     ap.add_argument("--data", default=None, help="data folder (default: $SGLANG_AMS_DATA or ../shared/data)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--concurrency", type=int, default=1,
+                    help="server backend: requests in flight at once (the server batches them; outputs of a "
+                         "batched greedy run may differ from a lone one in the last bits)")
     ap.add_argument("--out", required=False, default=None, help="output folder (results.jsonl, report, plots)")
     ap.add_argument("--dry-run", action="store_true", help="list what would run and exit")
     ap.add_argument("--report-only", action="store_true", help="only rebuild the report from OUT/results.jsonl")
@@ -152,6 +155,8 @@ def main(argv=None) -> int:
         return 0
     if a.out is None:
         raise SystemExit("--out is required")
+    if a.concurrency < 1 or (a.concurrency > 1 and a.backend != "server"):
+        raise SystemExit(f"--concurrency: 1 for the reference backend, >= 1 for the server backend; got {a.concurrency}")
     out = Path(a.out)
     import report
     if a.report_only:
@@ -189,13 +194,14 @@ def main(argv=None) -> int:
     skipped = len(store.rows)
     print(f"{len(work)} runs to do ({skipped} rows already in {store.path})", flush=True)
     started = time.perf_counter()
-    for ex, spec in tqdm(work, desc="quality", unit="run", disable=a.no_progress, dynamic_ncols=True):
+
+    def run_one(ex, spec) -> dict:
         try:
             cfg = spec.config(ex.basis)
         except ConfigError as err:
             raise SystemExit(f"{spec.label} on {ex.task}/{ex.id}: {err}") from None
         res = backend.generate(ex, cfg)
-        row = {
+        return {
             "backend": backend.name, "model": a.model, "task": ex.task, "example_id": ex.id,
             "max_new_tokens": ex.max_new_tokens, "policy_hash": spec.hash, "policy_label": spec.label,
             "policy": spec.policy, "scorer": None if spec.policy == "none" else cfg.scorer,
@@ -206,7 +212,20 @@ def main(argv=None) -> int:
             "extracted": T.extract(ex.task, res["text"]), "correct": T.score(ex.task, res["text"], ex.gold),
             "meta": ex.meta, "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **res,
         }
-        store.append(row)
+
+    bar = tqdm(total=len(work), desc="quality", unit="run", disable=a.no_progress, dynamic_ncols=True)
+    if a.concurrency == 1:
+        for ex, spec in work:
+            store.append(run_one(ex, spec))
+            bar.update()
+    else:
+        # Rows are appended here, on one thread, in completion order: an interrupted run keeps every finished row.
+        from concurrent.futures import ThreadPoolExecutor, as_completed
+        with ThreadPoolExecutor(max_workers=a.concurrency) as pool:
+            for future in as_completed([pool.submit(run_one, ex, spec) for ex, spec in work]):
+                store.append(future.result())
+                bar.update()
+    bar.close()
     print(f"done in {time.perf_counter() - started:.0f} s", flush=True)
     report.make_report(out)
     return 0
