@@ -7,6 +7,8 @@
 #   MODEL_NAME    sglang_ams.models name of MODEL_DIR (default smollm2-135m; MODEL_DIR default $TMP/smollm2 for it,
 #                 $TMP/models/NAME otherwise; TMP = $TMPDIR or /tmp, as in tests/gpu/visit.sh)
 #   QUALITY_ARGS  run.py arguments (default: GSM8K CoT, 8 questions, 256 tokens, budget 25 %, none/topk/ams)
+#   QUALITY_LIMIT seconds the harness may run (it is stopped then, SIGKILL included: its threads may sit in HTTP
+#                 calls; the rows written so far are kept); set it below the device command's own limit
 #   RESUME        set: keep this machine's earlier results of the same PORT (a run cut off at its time limit goes on)
 #   PORT          the server's port (default 30500; tests/gpu/on-gpus.sh gives each job its own)
 #   BASE          a results folder copied first, so the report gives the agreement with those (CPU) rows
@@ -36,9 +38,9 @@ flags=$(python3 benchmarks/quality/run.py --print-server-flags --model "$name" $
 python3 .gpu/sglang-kit/tools/bench.py wait --port "$port" --timeout 400 || { tail -30 "$OUT/server.log"; exit 1; }
 q=$TMP/q-$port
 if [ -z "${RESUME:-}" ]; then rm -rf "$q" && mkdir -p "$q" && { [ -z "$base" ] || cp -r "$base"/. "$q"; }; fi
-# Whatever ends the run (its end, an error, the time limit's SIGTERM): the results and the server's counters go to OUT.
+# Whatever ends the run (its end, an error, QUALITY_LIMIT): the results and the server's counters go to OUT.
 trap 'cp -r "$q" "$OUT/quality"; grep "AMS compactions" "$OUT/server.log" | tail -1; pkill -f "port $port"' EXIT
 # shellcheck disable=SC2086
-python3 benchmarks/quality/run.py --backend server --url "http://127.0.0.1:$port" --model "$name" --data "$data" \
-  $args --no-progress --out "$q" > "$OUT/run.log" 2>&1
+timeout -k 5 "${QUALITY_LIMIT:-86400}" python3 benchmarks/quality/run.py --backend server \
+  --url "http://127.0.0.1:$port" --model "$name" --data "$data" $args --no-progress --out "$q" > "$OUT/run.log" 2>&1
 echo "run.py rc $?"; tail -15 "$OUT/run.log"

