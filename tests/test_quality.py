@@ -384,7 +384,7 @@ def test_resumable_run_skips_done_items_and_reports(tmp_path, monkeypatch):
     assert needle_ams["n"] == 1 and needle_ams["ci95"] == list(H.wilson(needle_ams["correct"], 1))
     assert len(summary["wipeout_pairs"]) == 2 and (out / "accuracy.png").is_file()
     md = (out / "report.md").read_text()
-    assert "| ams/snapkv@0.25 |" in md and "Region wipe-out" in md
+    assert "| ams/snapkv@0.25 |" in md and "region wipe-out rate" in md
 
 
 def test_concurrent_server_runs_keep_every_row(tmp_path, monkeypatch):
@@ -439,6 +439,37 @@ def test_report_agreement_between_backends(tmp_path):
     assert (ref["n"], ref["correct"]) == (3, 2)
     assert [a["label"] for a in summary["ablations"]] == ["ams/snapkv@0.25", "ams/snapkv@0.25[use_credit=False]"]
     assert summary["ablations"][1]["jitter_tokens"] == 3.0 and summary["ablations"][1]["segments_mean"] == 5.0
+
+
+def test_run_wide_overrides_are_no_ablation_and_pair_topk_with_ams():
+    def row(policy, overrides, correct, ex="a"):
+        label = f"{policy}/snapkv@0.25" + "".join(f"[{k}={v}]" for k, v in overrides.items())
+        return {"backend": "server", "model": "m", "task": "needle", "example_id": ex, "max_new_tokens": 12,
+                "policy_hash": label, "policy_label": label, "policy": policy, "scorer": "snapkv",
+                "budget_frac": 0.25, "overrides": overrides, "extracted": "1", "correct": correct, "seconds": 1.0}
+    delta = {"delta": 0.02}
+    rows = [row("topk", delta, False), row("ams", delta, True), row("topk", {}, True),
+            row("ams", {**delta, "use_mass": False}, False)]
+    summary = report.summarize(rows)
+    pairs = summary["wipeout_pairs"]
+    assert [(p["ams_label"], p["topk_correct"], p["ams_correct"]) for p in pairs] == \
+        [("ams/snapkv@0.25[delta=0.02]", 0, 1)]            # same overrides chosen over the plain top-k row
+    assert [a["label"] for a in summary["ablations"] if a["policy"] == "ams"] == \
+        ["ams/snapkv@0.25[delta=0.02]", "ams/snapkv@0.25[delta=0.02][use_mass=False]"]
+
+
+def test_report_reads_an_archived_gzip_results_file(tmp_path):
+    import gzip
+    row = {"backend": "server", "model": "m", "task": "needle", "example_id": "a", "max_new_tokens": 12,
+           "policy_hash": "h", "policy_label": "full KV", "policy": "none", "scorer": None, "budget_frac": None,
+           "overrides": {}, "extracted": "1", "correct": True, "seconds": 1.0}
+    with gzip.open(tmp_path / "results.jsonl.gz", "wt") as fh:
+        fh.write(json.dumps(row) + "\n" + json.dumps(row)[:20])          # a torn last line is skipped too
+    assert H.results_file(tmp_path).name == "results.jsonl.gz"
+    summary = report.make_report(tmp_path)
+    assert [(a["label"], a["n"]) for a in summary["accuracy"]] == [("full KV", 1)]
+    with pytest.raises(SystemExit, match="gunzip"):
+        run.main(["--out", str(tmp_path), "--tasks", "needle", "--model", "tiny"])
 
 
 def test_needle_survival_counts_heads_and_tokens():

@@ -15,6 +15,7 @@ values: --set delta=0.02 --set lmin=32 --set keep_lastn=32 --set window=32.
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import hashlib
 import json
 import math
@@ -145,12 +146,20 @@ class ResultStore:
         self._keys.add(row_key(row))
 
 
+def results_file(folder: str | os.PathLike) -> Path:
+    """A folder's results: results.jsonl, or results.jsonl.gz where a finished run was archived compressed."""
+    plain = Path(folder) / "results.jsonl"
+    packed = plain.with_suffix(".jsonl.gz")
+    return packed if packed.is_file() and not plain.is_file() else plain
+
+
 def read_rows(path: str | os.PathLike) -> Iterator[dict]:
-    """Rows of a results file; a torn last line (run killed mid-write) is skipped."""
+    """Rows of a results file (.jsonl or .jsonl.gz); a torn last line (run killed mid-write) is skipped."""
     path = Path(path)
     if not path.is_file():
         return
-    with open(path) as fh:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as fh:
         for line in fh:
             try:
                 yield json.loads(line)

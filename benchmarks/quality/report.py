@@ -62,12 +62,19 @@ def summarize(rows: list[dict]) -> dict:
 
 def ablations(acc: list[dict]) -> list[dict]:
     """AMS with overrides next to plain AMS (and top-k) of the same backend, model, task, scorer and budget."""
-    variants = [a for a in acc if a["policy"] == "ams" and a["overrides"]]
+    variants = [a for a in acc if a["policy"] == "ams" and _is_ablation(a)]
     out = []
     for key in sorted({(a["backend"], a["model"], a["task"], a["scorer"], a["budget_frac"]) for a in variants}):
         same = [a for a in acc if (a["backend"], a["model"], a["task"], a["scorer"], a["budget_frac"]) == key]
         out += sorted(same, key=lambda a: (a["policy"] != "topk", bool(a["overrides"]), a["label"]))
     return out
+
+
+ABLATION_KEYS = frozenset(k for a in H.ABLATIONS for k in a)
+
+
+def _is_ablation(row) -> bool:
+    return bool(ABLATION_KEYS & set(row.get("overrides") or {}))
 
 
 def _order(row) -> tuple:
@@ -94,19 +101,24 @@ def agreement(rows: list[dict]) -> list[dict]:
 
 
 def wipeout_pairs(acc: list[dict]) -> list[dict]:
-    """top-k against AMS (no ablation overrides) at the same backend, model, task, scorer and budget."""
-    plain = {(a["backend"], a["model"], a["task"], a["scorer"], a["budget_frac"], a["policy"]): a
-             for a in acc if not a["overrides"] and a["policy"] in ("topk", "ams")}
+    """top-k against AMS (no ablation) at the same backend, model, task, scorer and budget. Overrides every row of a
+    run shares (--set delta=...) are no ablation; an AMS row pairs with the top-k row of the same overrides, or else
+    with the first top-k row of its key (top-k ignores the AMS settings)."""
+    plain = [a for a in acc if not _is_ablation(a) and a["policy"] in ("topk", "ams")]
+    key = lambda a: (a["backend"], a["model"], a["task"], a["scorer"], a["budget_frac"])  # noqa: E731
     out = []
-    for (backend, model, task, scorer, budget, policy), topk in sorted(plain.items(), key=str):
-        ams = plain.get((backend, model, task, scorer, budget, "ams"))
-        if policy != "topk" or ams is None:
+    for ams in sorted((a for a in plain if a["policy"] == "ams"), key=lambda a: (key(a), a["label"])):
+        candidates = [t for t in plain if t["policy"] == "topk" and key(t) == key(ams)]
+        if not candidates:
             continue
+        topk = next((t for t in candidates if t["overrides"] == ams["overrides"]), candidates[0])
+        backend, model, task, scorer, budget = key(ams)
         out.append({"backend": backend, "model": model, "task": task, "scorer": scorer, "budget_frac": budget,
-                    "topk_step": topk["wipeout_step"], "ams_step": ams["wipeout_step"],
+                    "ams_label": ams["label"], "topk_step": topk["wipeout_step"], "ams_step": ams["wipeout_step"],
                     "topk_fixed32": topk["wipeout_fixed32"], "ams_fixed32": ams["wipeout_fixed32"],
                     "ams_jitter": ams["jitter_tokens"],
-                    "topk_accuracy": topk["accuracy"], "ams_accuracy": ams["accuracy"], "n": min(topk["n"], ams["n"])})
+                    "topk_accuracy": topk["accuracy"], "ams_accuracy": ams["accuracy"],
+                    "topk_correct": topk["correct"], "ams_correct": ams["correct"], "n": min(topk["n"], ams["n"])})
     return out
 
 
@@ -142,16 +154,17 @@ def markdown(summary: dict) -> str:
                           "| wipe-out (steps) | wipe-out (32-tok) | jitter (tok) |",
                           "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|", rows)
     if summary["wipeout_pairs"]:
-        rows = [f"| {p['task']} | {p['scorer']} | {p['budget_frac']:g} | {_pct(p['topk_step'])} "
+        rows = [f"| {p['backend']} | {p['task']} | {p['ams_label']} | {p['budget_frac']:g} | {_pct(p['topk_step'])} "
                 f"| {_pct(p['ams_step'])} | {_pct(p['topk_fixed32'])} | {_pct(p['ams_fixed32'])} "
-                f"| {_pct(p['topk_accuracy'])} | {_pct(p['ams_accuracy'])} | {p['n']} |"
-                for p in summary["wipeout_pairs"]]
-        lines += _section("### Region wipe-out rate, global top-k vs AMS at equal budget",
+                f"| {p['topk_correct']} ({_pct(p['topk_accuracy'])}) | {p['ams_correct']} ({_pct(p['ams_accuracy'])}) "
+                f"| {p['n']} |" for p in summary["wipeout_pairs"]]
+        lines += _section("### Global top-k vs AMS at equal budget: accuracy and region wipe-out rate",
                           "Fraction of (block, layer, KV head) with no kept token, over all compactions; blocks = "
                           "reasoning steps (lines of the generated text) or fixed 32-token blocks of the compressible "
-                          "region.",
-                          "| task | scorer | budget | top-k steps | AMS steps | top-k 32-tok | AMS 32-tok | top-k acc "
-                          "| AMS acc | n |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|", rows)
+                          "region (the reference path records them; the server path does not).",
+                          "| backend | task | AMS policy | budget | top-k steps | AMS steps | top-k 32-tok | AMS 32-tok "
+                          "| top-k correct | AMS correct | n |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+                          rows)
     if summary["ablations"]:
         rows = [f"| {a['task']} | {a['label']} | {a['n']} | {_pct(a['accuracy'])} "
                 f"| [{_pct(a['ci95'][0])}, {_pct(a['ci95'][1])}] "
@@ -190,7 +203,7 @@ def plot(summary: dict, out: Path) -> list[Path]:
             err = [[max(0.0, a["accuracy"] - a["ci95"][0]) for a in group],      # rounding can make these -1e-17
                    [max(0.0, a["ci95"][1] - a["accuracy"]) for a in group]]
             colors = [{"none": "grey", "streaming": "tab:green", "topk": "tab:blue", "ams": "tab:red"}.get(
-                a["policy"], "black") if not a["overrides"] else "tab:orange" for a in group]
+                a["policy"], "black") if not _is_ablation(a) else "tab:orange" for a in group]
             ax.bar(x, vals, yerr=err, color=colors, capsize=3)
             ax.set_xticks(list(x))
             ax.set_xticklabels([a["label"] for a in group], rotation=30, ha="right", fontsize=7)
@@ -205,7 +218,7 @@ def plot(summary: dict, out: Path) -> list[Path]:
 
     curves = defaultdict(list)
     for a in acc:
-        if a["policy"] in ("topk", "ams", "streaming") and not a["overrides"]:
+        if a["policy"] in ("topk", "ams", "streaming") and not _is_ablation(a):
             curves[(a["backend"], a["model"], a["task"])].append(a)
     multi = {k: v for k, v in curves.items() if len({a["budget_frac"] for a in v}) > 1}
     if multi:
@@ -258,9 +271,9 @@ def make_report(out: str | Path, inputs: list[str | Path] | None = None) -> dict
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for src in inputs or [out / "results.jsonl"]:
+    for src in inputs or [out]:
         src = Path(src)
-        rows += list(H.read_rows(src / "results.jsonl" if src.is_dir() else src))
+        rows += list(H.read_rows(H.results_file(src) if src.is_dir() else src))
     summary = summarize(rows)
     try:
         from results_io import metadata

@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "batched greedy run may differ from a lone one in the last bits)")
     ap.add_argument("--out", required=False, default=None, help="output folder (results.jsonl, report, plots)")
     ap.add_argument("--dry-run", action="store_true", help="list what would run and exit")
-    ap.add_argument("--report-only", action="store_true", help="only rebuild the report from OUT/results.jsonl")
+    ap.add_argument("--report-only", action="store_true", help="only rebuild the report from OUT/results.jsonl (or .jsonl.gz)")
     ap.add_argument("--no-progress", action="store_true")
     return ap
 
@@ -162,6 +162,8 @@ def main(argv=None) -> int:
     if a.report_only:
         report.make_report(out)
         return 0
+    if H.results_file(out).suffix == ".gz":
+        raise SystemExit(f"{out} holds an archived results.jsonl.gz: gunzip it to add runs (reports read it as is)")
     limit = a.limit or None
     if a.dry_run:
         print(f"{len(specs)} policy configurations x tasks {a.tasks} (limit {limit}):")
