@@ -15,6 +15,11 @@ measures (torch copy of a >= 1 GiB buffer, read + write counted):
               rate counting each key once (what a single-read kernel would need to beat)
   scoring_lse the engine's default: the window queries' LSE comes from the decode attention, one key pass;
               bytes = N*T x layers x heads x dim x 2 B (frac_copy = min_frac)
+`same_frac` compares each kernel with a torch copy moving the same traffic (bytes / 2 read, bytes / 2 written,
+L2 flushed the same way): at small sizes launch latency and the tail of the last wave bound any kernel, a copy
+included, so this column separates what the kernel could still gain from what the size allows.
+The first pool of each model shape is exercised for --settle-ms before its first timing (the first rows after a
+new allocation were outliers on the H100).
 The KV pool is scattered like a paged SGLang pool after churn: each request's positions map to a random
 permutation of 16-token pages (--page 1 for fully random slots).
 """
@@ -30,6 +35,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -177,6 +183,31 @@ def copy_bandwidth(device, gib: float, warmup: int, reps: int) -> float:
     return 2 * n * 2 / seconds
 
 
+class SameSizeCopy:
+    """Times a device copy of a given traffic (read + write bytes), reusing one pair of buffers of max_bytes in
+    all (capped at --copy-gib: the KV pool holds most of the memory)."""
+
+    def __init__(self, device, max_bytes: int):
+        n = max(1, max_bytes // 4)                          # bf16 elements of half the traffic
+        self.src = torch.empty(n, dtype=torch.bfloat16, device=device).normal_()
+        self.dst = torch.empty_like(self.src)
+
+    def seconds(self, traffic_bytes: int, warmup: int, reps: int, flush) -> float:
+        """Copy time for this traffic; beyond the buffers' size, their copy time scaled (linear there)."""
+        want = max(1, traffic_bytes // 4)
+        n = min(self.src.numel(), want)
+        src, dst = self.src[:n], self.dst[:n]
+        return time_cuda(lambda: dst.copy_(src), warmup, reps, flush) * want / n
+
+
+def settle(fn, seconds: float) -> None:
+    """Run fn for about `seconds` (clocks up, new allocation touched) before the first timing of a pool."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        fn()
+    torch.cuda.synchronize()
+
+
 # ---------------------------------------------------------------------------------------------- runs
 
 def run_scoring(pool: Pool, table, model: ModelShape, requests: int, tokens: int, window: int, device, generator,
@@ -250,6 +281,9 @@ def measure(args, device) -> tuple[list[dict], float | None]:
     copy_bps = copy_bandwidth(device, args.copy_gib, args.warmup, args.reps) if timed else None
     flush = torch.empty(args.flush_mb * 2 ** 20 // 4, dtype=torch.float32, device=device) if timed else None
     generator = torch.Generator().manual_seed(args.seed)
+    # The largest traffic of the plan: 2 passes over the biggest KV read (scoring) bounds every row's bytes.
+    same = SameSizeCopy(device, min(2 * max(kv_bytes(r[1], r[4], r[2]) for r in plan), int(args.copy_gib * GB))) \
+        if timed and plan else None
     results = []
     for model in models:
         todo = [r for r in plan if r[1] is model]
@@ -258,6 +292,7 @@ def measure(args, device) -> tuple[list[dict], float | None]:
         most_tokens = max(r[2] * r[4] for r in todo)
         pool = make_pool(model, most_tokens + 2 * args.page * (max(r[4] for r in todo) + 1), device)
         tables = {}
+        settled = False
         for kernel, _, tokens, kept, requests in todo:
             key = (requests, tokens)
             if key not in tables:
@@ -277,9 +312,14 @@ def measure(args, device) -> tuple[list[dict], float | None]:
                 row.update(moved_rows=moved, bytes=compaction_moved_bytes(moved, model),
                            formula_bytes=compaction_formula_bytes(model, requests, kept))
             if timed:
+                if not settled:
+                    settle(fn, args.settle_ms / 1e3)
+                    settled = True
                 seconds = time_cuda(fn, args.warmup, args.reps, flush)
+                copy_s = same.seconds(row["bytes"], args.warmup, args.reps, flush)
                 row.update(ms=seconds * 1e3, gbps=row["bytes"] / seconds / GB,
-                           frac_copy=row["bytes"] / seconds / copy_bps)
+                           frac_copy=row["bytes"] / seconds / copy_bps, same_copy_ms=copy_s * 1e3,
+                           same_frac=copy_s / seconds)
                 if kernel.startswith("scoring"):
                     row["min_frac"] = row["min_bytes"] / seconds / copy_bps
             else:
@@ -294,7 +334,8 @@ def measure(args, device) -> tuple[list[dict], float | None]:
 
 # ---------------------------------------------------------------------------------------------- output
 
-COLUMNS = ("kernel", "model", "tokens", "kept", "requests", "kv_gb", "ms", "gbps", "frac_copy", "min_frac")
+COLUMNS = ("kernel", "model", "tokens", "kept", "requests", "kv_gb", "ms", "gbps", "frac_copy", "min_frac",
+           "same_frac")
 
 
 def format_row(row: dict) -> str:
@@ -329,7 +370,8 @@ def report(args, device, results, copy_bps) -> dict:
         torch=torch.__version__, triton=__import__("triton").__version__,
         copy_gbps=None if copy_bps is None else copy_bps / GB,
         settings=dict(warmup=args.warmup, reps=args.reps, window=args.window, page=args.page, mem_gb=args.mem_gb,
-                      flush_mb=args.flush_mb, quick=args.quick, num_splits=args.num_splits),
+                      flush_mb=args.flush_mb, quick=args.quick, num_splits=args.num_splits,
+                      settle_ms=args.settle_ms),
         rows=results)
 
 
@@ -351,6 +393,8 @@ def parse_args(argv=None):
     p.add_argument("--mem-gb", type=float, default=60.0, help="skip combinations whose KV exceeds this")
     p.add_argument("--copy-gib", type=float, default=2.0, help="buffer size of the copy-bandwidth reference")
     p.add_argument("--flush-mb", type=int, default=256, help="L2 flush buffer written before each timed run")
+    p.add_argument("--settle-ms", type=float, default=300.0,
+                   help="run the first row of each pool this long before timing it")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)

@@ -69,3 +69,14 @@ def test_default_output_name(bench):
     args = bench.parse_args(["--quick"])
     path = bench.output_path(args, torch.device("cpu"))
     assert path.parent == bench.RESULTS_DIR and path.name.startswith("kernels-") and path.suffix == ".json"
+
+
+def test_same_size_copy_scales_beyond_its_buffers(bench, monkeypatch):
+    def one_second(fn, warmup, reps, flush):
+        fn()
+        return 1.0
+    monkeypatch.setattr(bench, "time_cuda", one_second)
+    copy = bench.SameSizeCopy(torch.device("cpu"), max_bytes=400)          # 100 bf16 elements per buffer
+    assert copy.seconds(200, 1, 1, None) == 1.0                             # 50 elements: fits, copied once
+    assert torch.equal(copy.dst[:50], copy.src[:50]) and not torch.equal(copy.dst[50:], copy.src[50:])
+    assert copy.seconds(4000, 1, 1, None) == 10.0                           # 1000 elements: 10 x the buffer
