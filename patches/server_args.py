@@ -58,6 +58,9 @@ _HELP = {
     "use_mass": "Share the budget by segment mass (ablation: false = by length).",
     "seed": "Seed of the random scorer.",
     "triattention_stats": "Calibration statistics for --kv-scorer triattention (empty: estimate from the window).",
+    "prefill_window": "Fill the query window with the prompt's last queries at prefill (SnapKV's observation "
+                      "window): a prompt already past its trigger compacts two decode steps after prefill instead "
+                      "of after a window of decode steps; the scoring of that compaction recomputes the LSE.",
     "prompt_cache": "private: the prompt stays private to the request and is compressible; cached: it is "
                     "inserted into the radix tree (shared with later requests) and pinned, only generated "
                     "tokens are compressed.",

@@ -47,6 +47,9 @@ class PolicyConfig:
     use_mass: bool = True         # ablation: uniform mass (quotas by length only)
     seed: int = 0                 # random scorer
     triattention_stats: str = ""  # path of calibration statistics; empty: estimate from the window queries
+    # The window may start with the prompt's last W queries (SnapKV's observation window), so a prompt already
+    # past the trigger compacts right after prefill; off: only decode queries, a first compaction W steps later.
+    prefill_window: bool = False
 
     def __post_init__(self):
         validate(self)
@@ -107,7 +110,7 @@ def validate(cfg: PolicyConfig) -> None:
     _choice(cfg, "policy", POLICIES)
     _choice(cfg, "scorer", SCORERS)
     _choice(cfg, "segmenter", SEGMENTERS)
-    for name in ("use_credit", "use_mass"):
+    for name in ("use_credit", "use_mass", "prefill_window"):
         if not isinstance(getattr(cfg, name), bool):
             raise ConfigError(EXTERNAL_NAMES[name], getattr(cfg, name), "true or false")
     _int(cfg, "sink", 0)

@@ -34,6 +34,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 
 from .compaction import gather_kept, plan, scorer_for
 from .config import PolicyConfig
+from .engine.admission import MIN_DECODE_STEPS
 from .rope import rope_from_hf_model
 from .scorers.base import RopeSpec, ScoreInputs
 from .selection import keep_count, pinned_count
@@ -56,6 +57,7 @@ class ReferenceResult:
     compactions: list[Compaction]
     kv_lengths: list[int]      # physical KV length per head after each forward (prefill first)
     decode_positions: list[int]  # logical position_ids given to each decode forward
+    forced_prefilled: int = 0    # forced tokens prefilled at the end of the prompt (prefill window)
 
     @property
     def num_compactions(self) -> int:
@@ -83,17 +85,25 @@ _RING_KWARG = "sglang_ams_query_ring"
 
 
 class _QueryRing:
-    """The last W decode queries of every layer: [L, Hq, W, d], slot = decode step mod W."""
+    """The last W queries of every layer: [L, Hq, W, d], slot = step mod W. Steps count decode steps, or, with a
+    prefill window, positions (the prompt's last W queries fill the ring first)."""
 
     def __init__(self, num_layers: int, num_q_heads: int, window: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu"):
         self.buf = torch.zeros(num_layers, num_q_heads, window, head_dim, dtype=dtype, device=device)
         self.window = window
-        self.steps = 0             # decode steps recorded in total
+        self.steps = 0             # decode steps recorded in total (prefill window: the next position)
+        self.prefill = False       # the forward running is the prompt's
 
     def write(self, layer: int, query: torch.Tensor) -> None:
-        # query [1, Hq, 1, d] post-RoPE, as the attention function receives it.
-        self.buf[layer, :, self.steps % self.window] = query[0, :, -1]
+        # query [1, Hq, T, d] post-RoPE, as the attention function receives it: one decode token, or the prompt
+        # (positions steps - T .. steps - 1) of which the last W are kept.
+        if not self.prefill:
+            self.buf[layer, :, self.steps % self.window] = query[0, :, -1]
+            return
+        m = min(self.window, query.shape[2])
+        slots = (self.steps - m + torch.arange(m, device=self.buf.device)) % self.window
+        self.buf[layer, :, slots] = query[0, :, -m:]
 
     def advance(self) -> None:
         self.steps += 1
@@ -281,7 +291,9 @@ def generate_reference(model, input_ids: Sequence[int] | torch.Tensor, cfg: Poli
     generate()); pass () to always produce max_new_tokens.
     forced_tokens: fed one per decode step, in place of the model's choice, before greedy generation starts
     (teacher forcing an answer prefix). They count as decode steps, so compaction can run before the model answers;
-    they are not part of token_ids.
+    they are not part of token_ids. With cfg.prefill_window they are prefilled with the prompt instead (as a
+    server receives them) and the prompt's last W queries start the window: the first compaction may run after
+    MIN_DECODE_STEPS decode steps, as in the engine.
     """
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
@@ -298,11 +310,23 @@ def generate_reference(model, input_ids: Sequence[int] | torch.Tensor, cfg: Poli
     compactions: list[Compaction] = []
     decode_positions: list[int] = []
     forced = [int(t) for t in forced_tokens]
+    prefill_window = ring is not None and cfg.prefill_window
+    forced_prefilled = 0
+    if prefill_window and forced:
+        prompt = torch.cat([prompt, torch.tensor([forced], dtype=prompt.dtype, device=device)], dim=1)
+        forced_prefilled, forced = len(forced), []
     logical = prompt.shape[1]
     steps_since = 0
+    if prefill_window:
+        # The prompt supplies min(W, T) window queries; the engine compacts no earlier than MIN_DECODE_STEPS.
+        steps_since = cfg.window - max(MIN_DECODE_STEPS, cfg.window - min(cfg.window, logical))
+        ring.steps, ring.prefill = logical, True
 
     with _recording_queries(model):
-        predicted = _forward(model, kv, prompt, torch.arange(logical, device=device), None)
+        predicted = _forward(model, kv, prompt, torch.arange(logical, device=device),
+                             ring if prefill_window else None)
+        if ring is not None:
+            ring.prefill = False
         kv_lengths = [kv.physical_length]
         while True:
             if forced:
@@ -327,4 +351,5 @@ def generate_reference(model, input_ids: Sequence[int] | torch.Tensor, cfg: Poli
             steps_since += 1
 
     text = tokenizer.decode(generated, skip_special_tokens=True) if tokenizer is not None else None
-    return ReferenceResult(prompt.shape[1], generated, text, compactions, kv_lengths, decode_positions)
+    return ReferenceResult(prompt.shape[1], generated, text, compactions, kv_lengths, decode_positions,
+                           forced_prefilled)

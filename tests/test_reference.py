@@ -176,6 +176,46 @@ def test_forced_tokens_count_as_decode_steps():
     assert masked_replay(model, ids, result, forced) == result.token_ids
 
 
+def test_prefill_window_starts_the_window_with_the_prompt_tail(monkeypatch):
+    """With prefill_window the forced prefix is prefilled with the prompt (as a server receives it) and the first
+    compaction runs MIN_DECODE_STEPS decode steps later, on the prompt's last W - 2 queries and two decode ones."""
+    from sglang_ams.engine.admission import MIN_DECODE_STEPS
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+    model = tiny_model("qwen2")
+    calls = []
+    real_plan = reference.plan
+    monkeypatch.setattr(reference, "plan", lambda *a, **k: calls.append(a[2]) or real_plan(*a, **k))
+    pre_rope = {}
+    hooks = [layer.self_attn.q_proj.register_forward_hook(
+        lambda mod, args, out, l=l: pre_rope.setdefault(l, []).append(out.detach().clone()))
+        for l, layer in enumerate(model.model.layers)]
+    ids, forced = prompt(80), [5, 6, 7, 8, 9, 10, 11, 12, 13, 14]
+    cfg = small_policy("ams", prefill_window=True)
+    try:
+        result = generate_reference(model, ids, cfg, 30, forced_tokens=forced)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert result.prompt_length == 90 and result.forced_prefilled == 10
+    assert result.compactions[0].step == MIN_DECODE_STEPS and result.decode_positions[0] == 90
+    w = cfg.window
+    positions = torch.arange(92 - w, 92)
+    assert calls[0].query_pos.tolist() == [positions.tolist()]
+    for l in range(2):
+        prefill, decodes = pre_rope[l][0], pre_rope[l][1:1 + MIN_DECODE_STEPS]
+        q = torch.cat([prefill[:, 90 - (w - MIN_DECODE_STEPS):]] + decodes, dim=1).view(1, w, 4, 16).transpose(1, 2)
+        cos, sin = model.model.rotary_emb(q, positions[None])
+        expected, _ = apply_rotary_pos_emb(q, q, cos, sin)
+        torch.testing.assert_close(calls[0].queries[0, l], expected[0], rtol=1e-5, atol=1e-5)
+    full_prompt = torch.cat([ids, torch.tensor([forced])], dim=1)
+    assert masked_replay(model, full_prompt, result) == result.token_ids
+    # Off (the default): the forced prefix is decoded and the window holds decode queries only.
+    assert generate_reference(model, ids, small_policy("ams"), 30, forced_tokens=forced).compactions[0].step == w
+    # A prompt below the trigger still compacts at its trigger.
+    short = generate_reference(model, prompt(5), small_policy("ams", budget=21, interval=8, prefill_window=True), 40)
+    assert short.compactions[0].step == 21 + 8 - 5
+
+
 def test_rotary_embedding_sees_logical_positions():
     model = tiny_model("qwen2")
     seen = []

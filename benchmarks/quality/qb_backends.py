@@ -64,7 +64,9 @@ def compression_facts(result, cfg: PolicyConfig, tokenizer, forced_ids, segment_
     if not result.compactions:
         return facts
     fed = result.prompt_length + len(result.decode_positions)
-    steps = H.step_blocks(tokenizer, list(forced_ids) + list(result.token_ids), result.prompt_length)
+    # Forced tokens follow the prompt whether they were prefilled (prefill window) or fed as decode steps.
+    start = result.prompt_length - result.forced_prefilled
+    steps = H.step_blocks(tokenizer, list(forced_ids) + list(result.token_ids), start)
     facts["wipeout_step"] = list(H.wipeout(result.compactions, steps, cfg.sink, cfg.keep_lastn))
     facts["wipeout_fixed32"] = list(H.wipeout(result.compactions, H.fixed_blocks(cfg.sink, fed, 32),
                                               cfg.sink, cfg.keep_lastn))
