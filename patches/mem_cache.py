@@ -57,7 +57,7 @@ def release_kv_cache_hook(result, req, *args, **kwargs):
         rt.ring.release(idx, st.ring_row)
     if idx is not None and st.pos_offset:
         rt.pos_offsets[idx] = 0
-    st.ring_row, st.ring_start = 0, -1
+    st.ring_row, st.ring_start, st.ring_lse = 0, -1, True
     return result
 
 

@@ -87,6 +87,7 @@ class Group:
     credit: torch.Tensor | None
     sel: object
     decode_lse: bool = False       # the scoring took the window queries' LSE from the decode attention
+    ring_lse: bool = True          # every window query of the group came with its decode LSE (no prefill rows)
 
 
 @dataclasses.dataclass
@@ -138,10 +139,11 @@ def recorded(monkeypatch):
     def recording_group(self, items):
         snap = [Item(d.req.rid, d.req.req_pool_idx, d.length, d.prefix, d.keep, d.pinned) for d in items]
         before = self.rt.counters.decode_lse_launches
+        ring_lse = all(d.state.ring_lse for d in items)
         real_group(self, items)
         cfg, inputs, n_pinned, n_keep, credit, sel = pending.pop()
         used = self.rt.counters.decode_lse_launches > before
-        groups.append(Group(snap, cfg, inputs, n_pinned, n_keep, credit, sel, used))
+        groups.append(Group(snap, cfg, inputs, n_pinned, n_keep, credit, sel, used, ring_lse))
 
     monkeypatch.setattr(compactor_mod, "plan", recording_plan)
     monkeypatch.setattr(Compactor, "_compact_group", recording_group)
@@ -375,7 +377,7 @@ def check_selection(env: Env, g: Group, snap: Snap) -> None:
     reference = ScoreInputs(keys=padded(keys), values=padded(values), lengths=lengths, queries=queries,
                             query_pos=query_pos, rope=env.rt.rope, scale=env.rt.shape.scale)
     assert g.decode_lse == (needs_attention(cfg) and env.rt.settings.scoring_lse == "decode"
-                            and env.rt.decode_lse_ok is not False)
+                            and env.rt.decode_lse_ok is not False and g.ring_lse)
     if needs_attention(cfg):        # Triton window attention over the pool == torch over dense tensors
         ref = window_attention(reference.keys, queries, lengths, reference.scale)
         for name in ("mean_rows", "last_row") if cfg.scorer == "tova" else ("mean_rows",):
@@ -523,6 +525,62 @@ def test_compaction_bookkeeping(recorded, page_size, dtype):
         assert int(env.r2t[row, 40]) == int(env.r2t[row, 39]) + 1
 
 
+def prefill(env: Env, reqs: list) -> int:
+    """What a prefill batch does for the query ring: our prepare_for_extend hook on the batch, then the extend
+    forward's RadixAttention hook over each request's uncached tokens (its pinned prefix was cached)."""
+    lengths = [r.kv_committed_len for r in reqs]
+    extend = [n - r.cache_protected_len for r, n in zip(reqs, lengths)]
+    batch = SimpleNamespace(reqs=reqs, seq_lens_cpu=torch.tensor(lengths), extend_lens=extend)
+    taken = compactor_mod.take_prefill_rows(env.rt, batch)
+    starts = torch.tensor([0] + extend[:-1]).cumsum(0)
+    positions = torch.cat([torch.arange(r.cache_protected_len, n) for r, n in zip(reqs, lengths)])
+    fb = SimpleNamespace(forward_mode=ForwardMode.EXTEND, extend_start_loc=starts.to(torch.int32),
+                         extend_seq_lens=torch.tensor(extend, dtype=torch.int32), positions=positions,
+                         req_pool_indices=torch.tensor([r.req_pool_idx for r in reqs]))
+    q = torch.randn(LAYERS, len(positions), Q_HEADS * HEAD_DIM, generator=env.gen).to(env.rt.shape.dtype)
+    for layer in range(LAYERS):
+        out = attn_hooks.forward_hook(lambda *a, **k: "attended", SimpleNamespace(layer_id=layer), q[layer], None,
+                                      None, fb)
+        assert out == "attended"
+    owner = torch.repeat_interleave(torch.arange(len(reqs)), torch.tensor(extend))
+    for t, pos in enumerate(positions.tolist()):
+        env.queries[reqs[int(owner[t])].rid][pos] = q[:, t].view(LAYERS, Q_HEADS, HEAD_DIM)
+    return taken
+
+
+def test_prefill_window_compacts_two_steps_after_prefill(recorded):
+    """Prompts already past their trigger take a ring row at prefill and compact after MIN_DECODE_STEPS decode
+    steps on the prompt's last queries (`step` checks the window against the queries the prefill wrote; scoring
+    recomputes the LSE: the prefill gave none); the second compaction is an ordinary one (decode window, decode
+    LSE). A prompt below its trigger and a request without a policy take no row (the latter's prompt tail goes to
+    the trash row)."""
+    env = make_env(recorded, policy=CFG.replace(prefill_window=True))
+    cache_prefix(env, SHARED)
+    long = add_request(env, "long", list(range(2000, 2080)))                     # 80 >= cap 56 - W
+    pinned = add_request(env, "pinned", SHARED + list(range(4000, 4060)), pinned=32)   # 92 >= 88 - W
+    short = add_request(env, "short", list(range(3000, 3020)))                   # 20 < 48: decode rows later
+    off = add_request(env, "off", list(range(5000, 5090)), override="none")
+    trash_before = env.rt.ring.buf[:, 0].clone()
+    assert prefill(env, [long, pinned, short, off]) == 2
+    st = {r.rid: request_state.state_of(r, env.rt.settings.policy) for r in (long, pinned, short, off)}
+    assert (st["long"].ring_start, st["pinned"].ring_start) == (72, 84) and not st["long"].ring_lse
+    assert st["short"].ring_row == 0 and st["off"] is None
+    assert not torch.equal(env.rt.ring.buf[:, 0], trash_before)          # the other prompts' tails went there
+    for r in (long, pinned):                                            # the prompt's last W queries, by slot
+        for pos in range(r.kv_committed_len - CFG.window, r.kv_committed_len):
+            assert torch.equal(env.rt.ring.buf[:, st[r.rid].ring_row, pos % CFG.window], env.queries[r.rid][pos])
+
+    batch = make_batch(env, [long, pinned, short, off])
+    runs = [step(env, batch) for _ in range(20)]
+    history = [compacted(groups) for groups in runs]
+    assert history[2] == {"long": (82, 40), "pinned": (94, 72)}, history    # decode steps 2: 80 + 2, 92 + 2
+    assert not any(history[:2])
+    assert [(g.ring_lse, g.decode_lse) for g in runs[2]] == [(False, False)]    # no LSE from the prefill
+    later = [groups for groups in runs[3:] if groups]
+    assert later and all(g.ring_lse and g.decode_lse for groups in later for g in groups)
+    assert history[18] == {"long": (56, 40), "pinned": (88, 72)}    # the second: decode windows at the trigger
+
+
 # ---------------------------------------------------------------------------------------------- 2. overrides
 
 def test_mixed_overrides_compact_in_one_step(recorded):
@@ -643,6 +701,26 @@ def test_ring_rows_wait_and_release(recorded):
     assert history[19] == {"b": (66, 40)}
     assert sb().ring_row == 0 and sb().pos_offset == 26
     assert env.rt.counters.ring_waits == 2
+
+
+def test_prompt_tail_of_short_and_long_extends():
+    """The last min(W, extend) tokens of each request go to its row at position % W; the rest to the trash row."""
+    ring = ams_runtime.ring_mod.QueryRing(num_layers=1, rows=2, window=4, num_q_heads=1, head_dim=1, req_slots=4,
+                                          dtype=torch.float32, device="cpu")
+    r3, r1 = ring.acquire(3), ring.acquire(1)
+    # Request 3 extends positions 5..7 (3 tokens < W), request 1 positions 0..9.
+    positions = torch.cat([torch.arange(5, 8), torch.arange(0, 10)])
+    fb = SimpleNamespace(extend_start_loc=torch.tensor([0, 3], dtype=torch.int32),
+                         extend_seq_lens=torch.tensor([3, 10], dtype=torch.int32), req_pool_indices=torch.tensor([3, 1]))
+    idx, owners, valid = attn_hooks.prompt_tail(fb, 4)
+    assert idx.tolist() == [[0, 0, 1, 2], [9, 10, 11, 12]] and valid.tolist() == [[False, True, True, True], [True] * 4]
+    assert attn_hooks.prompt_tail(fb, 4) is attn_hooks.prompt_tail(fb, 4)            # once per forward batch
+    q = (100 + positions).float().view(-1, 1)          # a query's value tells its position
+    ring.write_tail(0, q, idx, owners, valid, positions)
+    got = ring.buf[0, :, :, 0, 0]
+    assert got[r3].tolist() == [0.0, 105.0, 106.0, 107.0]                            # slot 0 never written
+    assert got[r1].tolist() == [108.0, 109.0, 106.0, 107.0]                          # positions 6..9 by slot
+    assert int(ring.row_of[3]) == r3 and int(ring.row_of[1]) == r1
 
 
 def test_ring_window_order():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..config import PolicyConfig
 
-MIN_DECODE_STEPS = 2   # see compactor.MIN_DECODE_STEPS
+MIN_DECODE_STEPS = 2   # why: compactor.py (defined here so the admission arithmetic needs no Triton import)
 
 
 def lead_tokens(cfg: PolicyConfig) -> int:

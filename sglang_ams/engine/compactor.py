@@ -25,6 +25,7 @@ from ..kernels.compaction import compact_kv
 from ..kernels.gather import gather_dense
 from ..kernels.scoring import window_attention_pool
 from ..scorers.base import ScoreInputs, WindowAttention
+from .admission import MIN_DECODE_STEPS
 from .counters import Timer, now
 from .request_state import RequestState, state_of
 from .runtime import Runtime
@@ -32,9 +33,8 @@ from .runtime import Runtime
 logger = logging.getLogger("sglang_ams")
 
 ATTENTION_SCORERS = ("tova", "snapkv", "h2o", "rkv")
-# A request decodes at least this many steps before its first compaction: under the overlap scheduler the
-# post-prefill radix-cache call for a request runs one iteration after it joined the decode batch.
-MIN_DECODE_STEPS = 2
+# A request decodes at least MIN_DECODE_STEPS (admission.py) steps before its first compaction: under the overlap
+# scheduler the post-prefill radix-cache call for a request runs one iteration after it joined the decode batch.
 NOT, JOIN, DUE = 0, 1, 2          # readiness of a request to compact in this step
 
 
@@ -44,6 +44,38 @@ def needs_attention(cfg: PolicyConfig) -> bool:
     if not cfg.needs_queries:
         return False
     return cfg.scorer in ATTENTION_SCORERS or (cfg.policy == "ams" and cfg.use_mass)
+
+
+def trigger_points(rt: Runtime, req, cfg: PolicyConfig) -> tuple[int, int]:
+    """(cap, early): the length at which a request must compact, and the earliest at which it may (batch slack)."""
+    cap = req.cache_protected_len + cfg.budget + cfg.interval
+    return cap, cap - rt.settings.slack_tokens(cfg.interval)
+
+
+def take_prefill_rows(rt: Runtime, batch) -> int:
+    """Prefill window: before a prefill batch runs, give a ring row to each request whose whole prompt reaches the
+    point where it would take one in decode; the RadixAttention hook then writes the prompt's last W queries into
+    it, so the request may compact MIN_DECODE_STEPS decode steps later. Returns the rows taken."""
+    if rt.ring is None or not rt.settings.policy.prefill_window or rt.settings.prompt_cache == "cached":
+        return 0                                        # (a cached prompt is pinned: nothing to compact early)
+    taken = 0
+    lengths = batch.seq_lens_cpu.tolist()
+    for i, req in enumerate(batch.reqs):
+        st = state_of(req, rt.settings.policy)
+        if st is None or not st.cfg.needs_queries or st.ring_row or st.compacted:
+            continue
+        length, extend = lengths[i], batch.extend_lens[i]
+        if length < len(req.origin_input_ids) + len(req.output_ids):
+            continue                                    # a chunk before the last: its tail is not the prompt's
+        _, early = trigger_points(rt, req, st.cfg)
+        if length < early - st.cfg.window:
+            continue
+        st.ring_row = rt.ring.acquire(req.req_pool_idx)
+        if st.ring_row:
+            # Positions length - min(W, extend) .. length - 1 get their queries in this forward, without LSE.
+            st.ring_start, st.ring_lse = length - min(st.cfg.window, extend), False
+            taken += 1
+    return taken
 
 
 def group_key(cfg: PolicyConfig) -> PolicyConfig:
@@ -85,10 +117,9 @@ class Compactor:
         """DUE at its trigger (prefix + budget + interval), JOIN within the batch slack before it, else NOT.
 
         A policy that reads queries is ready only with a full window of them: it takes a ring row W tokens
-        before the earliest point it may compact."""
+        before the earliest point it may compact (or at prefill: take_prefill_rows)."""
         cfg = st.cfg
-        cap = req.cache_protected_len + cfg.budget + cfg.interval
-        early = cap - self.rt.settings.slack_tokens(cfg.interval)
+        cap, early = trigger_points(self.rt, req, cfg)
         if req.decode_batch_idx < MIN_DECODE_STEPS:
             return NOT
         if cfg.needs_queries:
@@ -170,7 +201,8 @@ class Compactor:
                 window_attention_pool, rt.k_ptrs, r2t, rows, lengths, queries, kv_dtype=shape.dtype,
                 num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim, slot_stride=rt.slot_stride,
                 scale=shape.scale, want_last_row=cfg.scorer == "tova", max_len=t_max)
-            if rt.settings.scoring_lse == "decode" and rt.ring.has_lse and rt.decode_lse_ok is not False:
+            if rt.settings.scoring_lse == "decode" and rt.ring.has_lse and rt.decode_lse_ok is not False \
+                    and all(d.state.ring_lse for d in items):
                 row_lse = rt.ring.window_lse(ring_rows, newest)     # keys are then read once
             mean_rows, last_row = attention(row_lse=row_lse)
             if row_lse is not None and (rt.decode_lse_ok is None or rt.settings.debug_checks):
@@ -204,7 +236,7 @@ class Compactor:
                 st.credit = sel.credit[j, :, :, : d.keep].clone()
             if st.ring_row:
                 rt.ring.release(d.req.req_pool_idx, st.ring_row)
-                st.ring_row, st.ring_start = 0, -1
+                st.ring_row, st.ring_start, st.ring_lse = 0, -1, True
             offsets.append(st.pos_offset)
             rt.counters.record(d.length, d.keep)
         rt.pos_offsets[rows] = torch.tensor(offsets, dtype=torch.int64, device=dev)

@@ -19,6 +19,7 @@ class RequestState:
     compactions: int = 0
     ring_row: int = 0                      # query-ring row (0: none)
     ring_start: int = -1                   # physical length when the ring row started collecting
+    ring_lse: bool = True                  # every query of the row came with its decode-attention LSE
     credit: torch.Tensor | None = None     # [L, H, kept] EMA credit of the kept tokens
 
 

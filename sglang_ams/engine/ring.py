@@ -69,6 +69,15 @@ class QueryRing:
         heads, dim = self.buf.shape[3], self.buf.shape[4]
         self.buf[layer][rows, slots] = q.reshape(-1, heads, dim).to(self.buf.dtype)
 
+    def write_tail(self, layer: int, q: torch.Tensor, idx: torch.Tensor, owners: torch.Tensor, valid: torch.Tensor,
+                   positions: torch.Tensor) -> None:
+        """Store prompt-tail queries of an extend batch: tokens idx [R, W] of q, owned by requests owners [R, W];
+        entries not valid (prompts shorter than W) and requests without a row go to the trash row."""
+        rows = torch.where(valid, self.row_of[owners], torch.zeros_like(owners))
+        slots = positions[idx] % self.window
+        heads, dim = self.buf.shape[3], self.buf.shape[4]
+        self.buf[layer][rows, slots] = q.reshape(-1, heads, dim)[idx].to(self.buf.dtype)
+
     def write_lse(self, layer: int, lse: torch.Tensor, req_pool_indices: torch.Tensor,
                   positions: torch.Tensor) -> None:
         """Store the decode attention's LSE [B, Hq] (log2 units) next to the queries of the same step."""
