@@ -8,8 +8,9 @@
   (c) greedy outputs of the SGLang path against the CPU reference decode loop (run here on the GPU with
       HF transformers) under the same policy: token match rate.
 
-    python tests/gpu/engine_e2e.py --model DIR --data DIR --out DIR [--only a,b,c,t,p]
-(t: a 6144-token pool under load; p: --ams-prompt-cache cached, shared prefixes pinned in the radix tree)
+    python tests/gpu/engine_e2e.py --model DIR --data DIR --out DIR [--only a,b,c,t,p,w]
+(t: a 6144-token pool under load; p: --ams-prompt-cache cached, shared prefixes pinned in the radix tree;
+ w: --ams-prefill-window true under the mixed load, and with c its reference-loop match)
 Prints a summary last; details go to OUT/e2e.json and the server logs to OUT/server-*.log.
 """
 from __future__ import annotations
@@ -332,6 +333,8 @@ def main():
         specs["ams-cached"] = policy + ["--page-size", "16", "--ams-prompt-cache", "cached"]
         # Upstream at the same page size, radix hits included: the floor for "alone vs together" outputs.
         specs["none-p16"] = ["--kv-policy", "none", "--attention-backend", "flashinfer", "--page-size", "16"]
+    if "w" in parts:     # long prompts compact two decode steps after prefill, on the prompt's last queries
+        specs["ams-window"] = policy + ["--page-size", "16", "--ams-prefill-window", "true"]
     if "t" in parts:     # memory pressure: a pool smaller than the running requests' full KV (retractions)
         specs["ams-tight"] = policy + ["--page-size", "16", "--max-total-tokens", "6144"]
     t0 = time.time()
@@ -355,8 +358,8 @@ def main():
             m = servers["ams-huge"].metrics()
             note(f"(a) budget >= request: {same}/{len(prompts)} outputs identical to --kv-policy none "
                  f"(compactions: {m.get('sglang_ams:compactions_total', 0):.0f})")
-        if "b" in parts or "t" in parts or "p" in parts:
-            mixed = [n for n in ("ams-p1", "ams-p16", "ams-tight", "ams-cached") if n in servers]
+        if parts & {"b", "t", "p", "w"}:
+            mixed = [n for n in ("ams-p1", "ams-p16", "ams-tight", "ams-cached", "ams-window") if n in servers]
             for name in mixed:
                 openai_overrides(servers[name])
             for name in mixed:
@@ -383,8 +386,9 @@ def main():
                      f"error lines: {len(bad_lines)}; compactions {m.get('sglang_ams:compactions_total', 0):.0f}, "
                      f"tokens freed {m.get('sglang_ams:tokens_freed_total', 0):.0f}, "
                      f"kept ratio {m.get('sglang_ams:kept_ratio', 0):.3f}; log lines mentioning retraction: {retracted}")
-        if "b" in parts or "p" in parts:
-            for name in [n for n in ("none", "none-p16", "ams-p1", "ams-p16", "ams-cached") if n in servers]:
+        if parts & {"b", "p", "w"}:
+            for name in [n for n in ("none", "none-p16", "ams-p1", "ams-p16", "ams-cached", "ams-window")
+                         if n in servers]:
                 same, first = prefix_sharing(servers[name], tok, train, gsm, 8, 160)
                 DETAILS[f"prefix-{name}"] = first
                 hits = DETAILS.get(f"prefix-cached-tokens-{name}")
@@ -392,8 +396,11 @@ def main():
                      f"(first differing token per request: {first}; radix-cached prompt tokens alone: {hits})")
         if "c" in parts:
             # The same comparison with the policy off is the floor: bf16 kernels differ between the two stacks.
-            for name, kw in (("none", dict(policy="none")),
-                             ("ams-p1", dict(policy="ams", budget=a.budget, interval=a.interval))):
+            runs = [("none", dict(policy="none")), ("ams-p1", dict(policy="ams", budget=a.budget, interval=a.interval))]
+            if "ams-window" in servers:
+                runs.append(("ams-window", dict(policy="ams", budget=a.budget, interval=a.interval,
+                                                prefill_window=True)))
+            for name, kw in runs:
                 rows, rate, exact = reference_match(servers[name], a.model, tok, prompts[:8], 256, kw)
                 DETAILS[f"c-{name}"] = rows
                 pos_rate = sum(r["positions_equal"] for r in rows) / max(1, sum(r["sglang"] for r in rows))
