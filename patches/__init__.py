@@ -16,10 +16,10 @@ def flag_hooks() -> list:
 
 
 def engine_hooks() -> list:
-    from . import (flashinfer_decode, forward_batch, mem_cache, radix_attention, schedule_batch, schedule_policy,
-                   scheduler)
+    from . import (flashinfer_decode, forward_batch, mem_cache, prefill_window, radix_attention, schedule_batch,
+                   schedule_policy, scheduler)
     return (scheduler.HOOKS + schedule_batch.HOOKS + mem_cache.HOOKS + forward_batch.HOOKS
-            + radix_attention.HOOKS + flashinfer_decode.HOOKS + schedule_policy.HOOKS)
+            + radix_attention.HOOKS + flashinfer_decode.HOOKS + prefill_window.HOOKS + schedule_policy.HOOKS)
 
 
 def wanted_hooks() -> list:

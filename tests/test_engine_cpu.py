@@ -46,6 +46,7 @@ from sglang_ams.engine.settings import ENV_VAR, EngineSettings  # noqa: E402
 from sglang_ams.patches import flashinfer_decode as fi_hooks  # noqa: E402
 from sglang_ams.patches import forward_batch as fb_hooks  # noqa: E402
 from sglang_ams.patches import mem_cache as mem_hooks  # noqa: E402
+from sglang_ams.patches import prefill_window as pw_hooks  # noqa: E402
 from sglang_ams.patches import radix_attention as attn_hooks  # noqa: E402
 from sglang_ams.patches import schedule_batch as batch_hooks  # noqa: E402
 from sglang_ams.patches import schedule_policy as policy_hooks  # noqa: E402
@@ -527,7 +528,7 @@ def test_compaction_bookkeeping(recorded, page_size, dtype):
 
 def prefill(env: Env, reqs: list) -> int:
     """What a prefill batch does for the query ring: our prepare_for_extend hook on the batch, then the extend
-    forward's RadixAttention hook over each request's uncached tokens (its pinned prefix was cached)."""
+    forward's attention-backend hook over each request's uncached tokens (its pinned prefix was cached)."""
     lengths = [r.kv_committed_len for r in reqs]
     extend = [n - r.cache_protected_len for r, n in zip(reqs, lengths)]
     batch = SimpleNamespace(reqs=reqs, seq_lens_cpu=torch.tensor(lengths), extend_lens=extend)
@@ -538,10 +539,10 @@ def prefill(env: Env, reqs: list) -> int:
                          extend_seq_lens=torch.tensor(extend, dtype=torch.int32), positions=positions,
                          req_pool_indices=torch.tensor([r.req_pool_idx for r in reqs]))
     q = torch.randn(LAYERS, len(positions), Q_HEADS * HEAD_DIM, generator=env.gen).to(env.rt.shape.dtype)
-    for layer in range(LAYERS):
-        out = attn_hooks.forward_hook(lambda *a, **k: "attended", SimpleNamespace(layer_id=layer), q[layer], None,
-                                      None, fb)
-        assert out == "attended"
+    for layer in range(LAYERS):     # the RadixAttention hook leaves extends alone; the backend hook writes
+        assert attn_hooks.forward_hook(lambda *a, **k: "attended", SimpleNamespace(layer_id=layer), q[layer],
+                                       None, None, fb) == "attended"
+        assert pw_hooks.forward_extend_before(None, q[layer], None, None, SimpleNamespace(layer_id=layer), fb) is None
     owner = torch.repeat_interleave(torch.arange(len(reqs)), torch.tensor(extend))
     for t, pos in enumerate(positions.tolist()):
         env.queries[reqs[int(owner[t])].rid][pos] = q[:, t].view(LAYERS, Q_HEADS, HEAD_DIM)
@@ -712,9 +713,9 @@ def test_prompt_tail_of_short_and_long_extends():
     positions = torch.cat([torch.arange(5, 8), torch.arange(0, 10)])
     fb = SimpleNamespace(extend_start_loc=torch.tensor([0, 3], dtype=torch.int32),
                          extend_seq_lens=torch.tensor([3, 10], dtype=torch.int32), req_pool_indices=torch.tensor([3, 1]))
-    idx, owners, valid = attn_hooks.prompt_tail(fb, 4)
+    idx, owners, valid = pw_hooks.prompt_tail(fb, 4)
     assert idx.tolist() == [[0, 0, 1, 2], [9, 10, 11, 12]] and valid.tolist() == [[False, True, True, True], [True] * 4]
-    assert attn_hooks.prompt_tail(fb, 4) is attn_hooks.prompt_tail(fb, 4)            # once per forward batch
+    assert pw_hooks.prompt_tail(fb, 4) is pw_hooks.prompt_tail(fb, 4)            # once per forward batch
     q = (100 + positions).float().view(-1, 1)          # a query's value tells its position
     ring.write_tail(0, q, idx, owners, valid, positions)
     got = ring.buf[0, :, :, 0, 0]
