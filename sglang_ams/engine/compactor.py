@@ -55,8 +55,8 @@ def trigger_points(rt: Runtime, req, cfg: PolicyConfig) -> tuple[int, int]:
 def take_prefill_rows(rt: Runtime, batch) -> int:
     """Prefill window: before a prefill batch runs, give a ring row to each request whose whole prompt reaches the
     point where it would take one in decode; the attention-backend hook (patches/prefill_window.py) then writes the
-    prompt's last W queries into
-    it, so the request may compact MIN_DECODE_STEPS decode steps later. Returns the rows taken."""
+    prompt's last W queries into it, so the request may compact MIN_DECODE_STEPS decode steps later. Returns the
+    rows taken."""
     if rt.ring is None or not rt.settings.policy.prefill_window or rt.settings.prompt_cache == "cached":
         return 0                                        # (a cached prompt is pinned: nothing to compact early)
     taken = 0
