@@ -724,6 +724,23 @@ def test_prompt_tail_of_short_and_long_extends():
     assert int(ring.row_of[3]) == r3 and int(ring.row_of[1]) == r1
 
 
+def test_ring_rows_are_located_once_per_forward_and_again_at_layer_0():
+    """Layers after the first reuse the rows found at layer 0 for the same batch tensors; layer 0 looks them up
+    again even for the same tensors (a CUDA-graph warm-up and its capture share them)."""
+    ring = ams_runtime.ring_mod.QueryRing(num_layers=2, rows=2, window=4, num_q_heads=1, head_dim=1, req_slots=4,
+                                          dtype=torch.float32, device="cpu")
+    reqs, pos = torch.tensor([3]), torch.tensor([5])
+    row = ring.acquire(3)
+    for layer in (0, 1):
+        ring.write(layer, torch.tensor([[1.0]]), reqs, pos)
+        ring.write_lse(layer, torch.tensor([[2.0]]), reqs, pos)
+    assert ring.buf[:, row, 1, 0, 0].tolist() == [1.0, 1.0] and ring.lse[:, row, 1, 0].tolist() == [2.0, 2.0]
+    ring.release(3, row)                             # the scheduler took the row back between two forwards
+    for layer in (0, 1):
+        ring.write(layer, torch.tensor([[7.0]]), reqs, pos)
+    assert ring.buf[:, row, 1, 0, 0].tolist() == [1.0, 1.0] and ring.buf[:, 0, 1, 0, 0].tolist() == [7.0, 7.0]
+
+
 def test_ring_window_order():
     """Queries come back oldest first whatever slot the window starts at; row 0 is the trash row."""
     ring = ams_runtime.ring_mod.QueryRing(num_layers=1, rows=2, window=4, num_q_heads=1, head_dim=2, req_slots=4,

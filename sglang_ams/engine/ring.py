@@ -44,6 +44,7 @@ class QueryRing:
         self._free = list(range(rows, 0, -1))
         self.pending = None         # (layer, req_pool_indices, positions) while a decode attention call runs
         self.lse_layers = set()     # layers whose decode attention has reported its LSE (set on the host)
+        self._located = None        # (req_pool_indices, positions, rows, slots) of the forward being run
 
     @property
     def rows(self) -> int:
@@ -62,10 +63,21 @@ class QueryRing:
         return len(self.lse_layers) == self.buf.shape[0]
 
     # --- inside the graph ---
+    def _locate(self, req_pool_indices: torch.Tensor, positions: torch.Tensor, fresh: bool = False):
+        """(ring rows, slots) of a decode batch, computed at the first layer of each forward and reused by the
+        others (same two tensors): per layer only the stores remain, which matters in a decode step made of tiny
+        kernels. Recomputing at layer 0 keeps every CUDA-graph capture self-contained (a warm-up run before a
+        capture uses the same tensors)."""
+        hit = self._located
+        if not fresh and hit is not None and hit[0] is req_pool_indices and hit[1] is positions:
+            return hit[2], hit[3]
+        rows, slots = self.row_of[req_pool_indices], positions % self.window
+        self._located = (req_pool_indices, positions, rows, slots)
+        return rows, slots
+
     def write(self, layer: int, q: torch.Tensor, req_pool_indices: torch.Tensor, positions: torch.Tensor) -> None:
         """Store the decode queries of one layer (graph-capturable: tensor ops only, fixed addresses)."""
-        rows = self.row_of[req_pool_indices]
-        slots = positions % self.window
+        rows, slots = self._locate(req_pool_indices, positions, fresh=layer == 0)
         heads, dim = self.buf.shape[3], self.buf.shape[4]
         self.buf[layer][rows, slots] = q.reshape(-1, heads, dim).to(self.buf.dtype)
 
@@ -81,8 +93,7 @@ class QueryRing:
     def write_lse(self, layer: int, lse: torch.Tensor, req_pool_indices: torch.Tensor,
                   positions: torch.Tensor) -> None:
         """Store the decode attention's LSE [B, Hq] (log2 units) next to the queries of the same step."""
-        rows = self.row_of[req_pool_indices]
-        slots = positions % self.window
+        rows, slots = self._locate(req_pool_indices, positions)
         self.lse[layer][rows, slots] = lse.reshape(-1, self.lse.shape[3]).float()
         self.lse_layers.add(layer)
 
