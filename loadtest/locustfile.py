@@ -11,7 +11,8 @@ Options (each also read from the environment variable in brackets):
     --output-len N|MIN-MAX [LOCUST_OUTPUT_LEN]   output tokens (default per workload: 2048-8192, 32, 256)
     --prompt-len MIN-MAX [LOCUST_PROMPT_LEN]     long-context prompt tokens (8192-32768)
     --ignore-eos auto|true|false          (auto: true for reasoning)
-    --data-dir DIR [LOCUST_DATA_DIR]      with gsm8k/ and niah_paulgraham_essays/essays/ (default /work/shared/data)
+    --data-dir DIR [LOCUST_DATA_DIR]      with gsm8k/ and niah_paulgraham_essays/essays/ (default ../shared/data
+                                          beside the checkout, or $SGLANG_AMS_DATA)
     --tokenizer PATH                      HF tokenizer for exact prompt lengths (default: 4 characters a token)
     --random-ids                          send random token ids (dummy weights, --skip-tokenizer-init)
     --kv-override JSON                    per-request policy override, e.g. '{"policy": "ams", "budget": 512}'

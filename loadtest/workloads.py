@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import re
 from pathlib import Path
@@ -24,7 +25,8 @@ PATHS = {"generate": "/generate", "completions": "/v1/completions", "chat": "/v1
 DEFAULT_OUTPUT = {"reasoning": "2048-8192", "long": "32", "fewshot": "256"}
 DEFAULT_IGNORE_EOS = {"reasoning": True, "long": False, "fewshot": False}
 DEFAULT_PROMPT = "8192-32768"          # long-context prompt tokens
-DEFAULT_DATA = Path("/work/shared/data")
+# ../shared/data beside the checkout (the project's data folder), or $SGLANG_AMS_DATA as for the rest of the package.
+DEFAULT_DATA = Path(os.environ.get("SGLANG_AMS_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 SHOTS = 8
 
 

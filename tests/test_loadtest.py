@@ -38,7 +38,8 @@ from loadtest import workloads as wl  # noqa: E402
 
 assert Path(metrics.__file__).parent == LOADTEST
 
-DATA = Path("/work/shared/data")
+DATA = wl.DEFAULT_DATA
+PLAN_OUT = str(ROOT / "build" / "lt-plan")    # plans only: nothing is written there
 if not (DATA / "gsm8k").exists():
     DATA = ROOT / ".gpu" / "data"
 HAS_DATA = (DATA / "gsm8k").exists() or (DATA / "gsm8k_train.jsonl").exists()
@@ -53,12 +54,12 @@ def free_port() -> int:
 
 # --- compare.py: arguments and plan -------------------------------------------------------------------------
 def dry_run(capsys, *extra) -> str:
-    assert compare.main(["--model-path", "/models/llama-8b", "--dry-run", "--out", "/tmp/lt-plan", *extra]) == 0
+    assert compare.main(["--model-path", "models/llama-8b", "--dry-run", "--out", PLAN_OUT, *extra]) == 0
     return capsys.readouterr().out
 
 
 def plan_of(*extra) -> list[dict]:
-    return compare.plan(compare.parse_args(["--model-path", "/m", "--out", "/tmp/lt-plan", *extra]))
+    return compare.plan(compare.parse_args(["--model-path", "m", "--out", PLAN_OUT, *extra]))
 
 
 def server_flags(run: dict) -> list[str]:
@@ -87,7 +88,7 @@ def test_dry_run_prints_every_configuration_and_budget(capsys):
             cmd = shlex.split(line)
             assert "/opt/py/bin/python3" in cmd and has_seq(cmd, "--max-total-tokens", pressure)
             assert has_seq(cmd, "--load-format", "dummy") and "--enable-metrics" in cmd
-            assert has_seq(cmd, "--model-path", "/models/llama-8b")
+            assert has_seq(cmd, "--model-path", "models/llama-8b")
             assert "--incremental-streaming-output" in cmd              # streamed /generate: deltas, not O(n^2)
         base = shlex.split(runs[f"sglang_mtt{pressure}"])
         assert base[0] == "SGLANG_PLUGINS=no-plugins"                # production SGLang, plugin not loaded
@@ -106,7 +107,7 @@ def test_dry_run_prints_every_configuration_and_budget(capsys):
         assert has_seq(cmd, "-n", "64") and has_seq(cmd, "-u", "32") and "--stream" in cmd
         assert has_seq(cmd, "--workload", "reasoning") and has_seq(cmd, "--output-len", "4096")
         assert cmd[cmd.index("-f") + 1].endswith("loadtest/locustfile.py")
-    assert "output folder: /tmp/lt-plan" in out
+    assert f"output folder: {PLAN_OUT}" in out
 
 
 def test_plan_options_reach_the_right_commands():

@@ -23,6 +23,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -302,7 +303,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--data", required=True)
-    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/e2e-out"))
+    ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(tempfile.gettempdir(), "e2e-out"))
     ap.add_argument("--only", default="a,b,c")
     ap.add_argument("--requests", type=int, default=520)
     ap.add_argument("--concurrency", type=int, default=64)
