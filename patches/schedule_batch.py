@@ -14,8 +14,8 @@ def reset_for_retract_hook(result, self, *args, **kwargs):
 
 def prepare_for_extend_hook(result, self, *args, **kwargs):
     rt = ams_runtime.get()
-    if rt is not None and rt.ring is not None and rt.settings.policy.prefill_window:
-        from sglang_ams.engine.compactor import take_prefill_rows
+    if rt is not None:
+        from sglang_ams.engine.compactor import take_prefill_rows     # (it checks the flag and the ring)
         take_prefill_rows(rt, self)
     return result
 
