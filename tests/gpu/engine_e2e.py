@@ -397,12 +397,18 @@ def main():
                      f"(first differing token per request: {first}; radix-cached prompt tokens alone: {hits})")
         if "c" in parts:
             # The same comparison with the policy off is the floor: bf16 kernels differ between the two stacks.
-            runs = [("none", dict(policy="none")), ("ams-p1", dict(policy="ams", budget=a.budget, interval=a.interval))]
+            runs = [("none", dict(policy="none"), prompts[:8]),
+                    ("ams-p1", dict(policy="ams", budget=a.budget, interval=a.interval), prompts[:8])]
             if "ams-window" in servers:
+                # Prompts past the trigger (~500 tokens): the window starts from the prompt's last queries.
+                rnd = random.Random(7)
+                long_prompts = [chat(tok, e[s:s + 2000] + "\n\nSummarise the text above in one sentence.")
+                                for e in (essays[rnd.randrange(len(essays))] for _ in range(8))
+                                for s in [rnd.randrange(max(1, len(e) - 2000))]]
                 runs.append(("ams-window", dict(policy="ams", budget=a.budget, interval=a.interval,
-                                                prefill_window=True)))
-            for name, kw in runs:
-                rows, rate, exact = reference_match(servers[name], a.model, tok, prompts[:8], 256, kw)
+                                                prefill_window=True), long_prompts))
+            for name, kw, run_prompts in runs:
+                rows, rate, exact = reference_match(servers[name], a.model, tok, run_prompts, 256, kw)
                 DETAILS[f"c-{name}"] = rows
                 pos_rate = sum(r["positions_equal"] for r in rows) / max(1, sum(r["sglang"] for r in rows))
                 note(f"(c) SGLang {name} vs reference loop ({kw['policy']}): {rate:.3f} of tokens before the first "

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CPU side: cut a built model's GGUF into parts that fit one device run each (56 MiB), one folder per part:
+# CPU side: cut a built model's GGUF into parts that fit one device run each (54 MiB: with the repo they must stay under the 64 MiB a run carries), one folder per part:
 #   bash tests/gpu/split-model.sh qwen2.5-coder-0.5b      ->  .gpu/p-qwen2.5-coder-0.5b-NN/part
 # Carry one folder per run (back to back, with `bash tests/gpu/visit.sh stash`), then `visit.sh build:NAME`.
 set -euo pipefail
@@ -9,6 +9,6 @@ gguf=${SGLANG_AMS_CACHE:-$HOME/.cache/sglang-ams}/$name/$name.gguf
 [ -f "$gguf" ] || { echo "no $gguf: run 'sglang-ams model build $name' first"; exit 1; }
 work=$(mktemp -d)
 rm -rf .gpu/p-"$name"-*
-split -b 56M -d -a 2 "$gguf" "$work"/
+split -b "${PART_MIB:-54}M" -d -a 2 "$gguf" "$work"/
 for f in "$work"/*; do mkdir -p ".gpu/p-$name-$(basename "$f")" && mv "$f" ".gpu/p-$name-$(basename "$f")/part"; done
 rm -rf "$work"; ls -d .gpu/p-"$name"-*

