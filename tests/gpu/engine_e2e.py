@@ -324,7 +324,7 @@ def main():
         specs["none"] = ["--kv-policy", "none", "--attention-backend", "flashinfer"]
     if "a" in parts:
         specs["ams-huge"] = ["--kv-policy", "ams", "--kv-budget", "100000"]
-    if "c" in parts:
+    if "c" in parts or "w" in parts:
         specs.setdefault("none", ["--kv-policy", "none", "--attention-backend", "flashinfer"])
     if "b" in parts or "c" in parts:
         specs["ams-p1"] = policy + ["--page-size", "1"]
@@ -395,24 +395,28 @@ def main():
                 hits = DETAILS.get(f"prefix-cached-tokens-{name}")
                 note(f"(b) shared prefix on {name}: {same}/8 outputs identical alone vs together "
                      f"(first differing token per request: {first}; radix-cached prompt tokens alone: {hits})")
-        if "c" in parts:
+        if parts & {"c", "w"}:
             # The same comparison with the policy off is the floor: bf16 kernels differ between the two stacks.
-            runs = [("none", dict(policy="none"), prompts[:8]),
-                    ("ams-p1", dict(policy="ams", budget=a.budget, interval=a.interval), prompts[:8])]
-            if "ams-window" in servers:
-                # Prompts past the trigger (~500 tokens): the window starts from the prompt's last queries.
+            runs = []
+            if "c" in parts:
+                runs += [("none", dict(policy="none"), prompts[:8]),
+                         ("ams-p1", dict(policy="ams", budget=a.budget, interval=a.interval), prompts[:8])]
+            if "w" in parts:
+                # Prompts past the trigger (~500 tokens): the window starts from the prompt's last queries. The
+                # policy-off run on the same prompts is this comparison's floor.
                 rnd = random.Random(7)
                 long_prompts = [chat(tok, e[s:s + 2000] + "\n\nSummarise the text above in one sentence.")
                                 for e in (essays[rnd.randrange(len(essays))] for _ in range(8))
                                 for s in [rnd.randrange(max(1, len(e) - 2000))]]
-                runs.append(("ams-window", dict(policy="ams", budget=a.budget, interval=a.interval,
-                                                prefill_window=True), long_prompts))
+                runs += [("none", dict(policy="none"), long_prompts),
+                         ("ams-window", dict(policy="ams", budget=a.budget, interval=a.interval,
+                                             prefill_window=True), long_prompts)]
             for name, kw, run_prompts in runs:
                 rows, rate, exact = reference_match(servers[name], a.model, tok, run_prompts, 256, kw)
-                DETAILS[f"c-{name}"] = rows
+                DETAILS[f"c-{name}-{len(run_prompts[0])}"] = rows
                 pos_rate = sum(r["positions_equal"] for r in rows) / max(1, sum(r["sglang"] for r in rows))
-                note(f"(c) SGLang {name} vs reference loop ({kw['policy']}): {rate:.3f} of tokens before the first "
-                     f"divergence, {pos_rate:.3f} of positions equal, {exact}/8 sequences identical; "
+                note(f"(c) SGLang {name} vs reference loop ({kw['policy']}, prompts of ~{len(run_prompts[0])} chars): "
+                     f"{rate:.3f} of tokens before the first divergence, {pos_rate:.3f} of positions equal, {exact}/8 sequences identical; "
                      f"compactions in reference: {[r['compactions_ref'] for r in rows]}")
     finally:
         for s in servers.values():
