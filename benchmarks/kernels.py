@@ -303,8 +303,14 @@ def measure(args, device) -> tuple[list[dict], float | None]:
                        kv_gb=kv_bytes(model, requests, tokens) / GB)
             if kernel.startswith("scoring"):
                 one_pass = kernel == "scoring_lse"
+                splits = args.num_splits
+                if splits is None and args.programs_per_sm:
+                    from sglang_ams.kernels.scoring import default_num_splits
+                    splits = default_num_splits(requests * model.layers * model.kv_heads, tokens, device,
+                                                programs_per_sm=args.programs_per_sm)
                 fn = run_scoring(pool, table, model, requests, tokens, args.window, device, generator, one_pass,
-                                 args.num_splits)
+                                 splits)
+                row.update(num_splits=splits)
                 row.update(window=args.window, bytes=scoring_bytes(model, requests, tokens, 1 if one_pass else 2),
                            min_bytes=scoring_bytes(model, requests, tokens, passes=1))
             else:
@@ -371,6 +377,7 @@ def report(args, device, results, copy_bps) -> dict:
         copy_gbps=None if copy_bps is None else copy_bps / GB,
         settings=dict(warmup=args.warmup, reps=args.reps, window=args.window, page=args.page, mem_gb=args.mem_gb,
                       flush_mb=args.flush_mb, quick=args.quick, num_splits=args.num_splits,
+                      programs_per_sm=args.programs_per_sm,
                       settle_ms=args.settle_ms),
         rows=results)
 
@@ -399,6 +406,8 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-splits", type=int, default=None, help="scoring splits per row (default: the kernel's choice)")
+    p.add_argument("--programs-per-sm", type=int, default=None,
+                   help="scoring: the kernel's split rule with this many programs per SM (default: the kernel's)")
     p.add_argument("--out", default="", help="JSON path (default: benchmarks/results/kernels-<date>-<device>.json)")
     args = p.parse_args(argv)
     if args.window is None:

@@ -250,10 +250,14 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
-def default_num_splits(programs_per_split: int, out_len: int, device: torch.device, min_split: int = 512) -> int:
-    """Enough splits for ~4 programs per SM, none shorter than min_split positions; a power of two."""
+PROGRAMS_PER_SM = 4
+
+
+def default_num_splits(programs_per_split: int, out_len: int, device: torch.device, min_split: int = 512,
+                       programs_per_sm: int = PROGRAMS_PER_SM) -> int:
+    """Enough splits for ~programs_per_sm programs per SM, none shorter than min_split positions; a power of two."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    wanted = triton.cdiv(4 * sms, max(programs_per_split, 1))
+    wanted = triton.cdiv(programs_per_sm * sms, max(programs_per_split, 1))
     most = max(1, triton.cdiv(out_len, min_split))
     return _next_pow2(max(1, min(wanted, most)))
 
