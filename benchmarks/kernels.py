@@ -310,8 +310,8 @@ def measure(args, device) -> tuple[list[dict], float | None]:
                                                 programs_per_sm=args.programs_per_sm)
                 fn = run_scoring(pool, table, model, requests, tokens, args.window, device, generator, one_pass,
                                  splits)
-                row.update(num_splits=splits)
-                row.update(window=args.window, bytes=scoring_bytes(model, requests, tokens, 1 if one_pass else 2),
+                row.update(num_splits=splits, window=args.window,
+                           bytes=scoring_bytes(model, requests, tokens, 1 if one_pass else 2),
                            min_bytes=scoring_bytes(model, requests, tokens, passes=1))
             else:
                 fn, moved = run_compaction(pool, table, model, requests, tokens, kept, device, generator)

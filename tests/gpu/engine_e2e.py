@@ -415,9 +415,10 @@ def main():
                 rows, rate, exact = reference_match(servers[name], a.model, tok, run_prompts, 256, kw)
                 DETAILS[f"c-{name}-{len(run_prompts[0])}"] = rows
                 pos_rate = sum(r["positions_equal"] for r in rows) / max(1, sum(r["sglang"] for r in rows))
-                note(f"(c) SGLang {name} vs reference loop ({kw['policy']}, prompts of ~{len(run_prompts[0])} chars): "
-                     f"{rate:.3f} of tokens before the first divergence, {pos_rate:.3f} of positions equal, {exact}/8 sequences identical; "
-                     f"compactions in reference: {[r['compactions_ref'] for r in rows]}")
+                note(f"(c) SGLang {name} vs reference loop ({kw['policy']}, prompts of ~{len(run_prompts[0])} "
+                     f"chars): {rate:.3f} of tokens before the first divergence, {pos_rate:.3f} of positions equal, "
+                     f"{exact}/8 sequences identical; compactions in reference: "
+                     f"{[r['compactions_ref'] for r in rows]}")
     finally:
         for s in servers.values():
             s.stop()

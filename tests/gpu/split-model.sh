@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# CPU side: cut a built model's GGUF into parts that fit one device run each (54 MiB: with the repo they must stay under the 64 MiB a run carries), one folder per part:
+# CPU side: cut a built model's GGUF into parts that fit one device run each, one folder per part (54 MiB by
+# default, PART_MIB to change: a part plus the repo must stay under the 64 MiB a run carries):
 #   bash tests/gpu/split-model.sh qwen2.5-coder-0.5b      ->  .gpu/p-qwen2.5-coder-0.5b-NN/part
 # Carry one folder per run (back to back, with `bash tests/gpu/visit.sh stash`), then `visit.sh build:NAME`.
 set -euo pipefail
