@@ -60,7 +60,7 @@ def _options(parser):
                        help="long-context prompt tokens, N or MIN-MAX")
     group.add_argument("--ignore-eos", choices=("auto", "true", "false"), default="auto",
                        env_var="LOCUST_IGNORE_EOS", help="auto: true for reasoning, else false")
-    group.add_argument("--data-dir", default=str(DEFAULT_DATA), env_var="LOCUST_DATA_DIR")
+    group.add_argument("--data-dir", default=str(DEFAULT_DATA or ""), env_var="LOCUST_DATA_DIR")
     group.add_argument("--tokenizer", default="", env_var="LOCUST_TOKENIZER",
                        help="HF tokenizer (path or name) for exact prompt lengths")
     group.add_argument("--chars-per-token", type=float, default=4.0, env_var="LOCUST_CHARS_PER_TOKEN")
@@ -97,7 +97,7 @@ class _Run:
             from transformers import AutoTokenizer
             tokenizer = AutoTokenizer.from_pretrained(options.tokenizer)
         self.options, self.environment = options, environment
-        self.workload = Workload(settings_from(options), Path(options.data_dir), tokenizer)
+        self.workload = Workload(settings_from(options), Path(options.data_dir) if options.data_dir else None, tokenizer)
         self.custom = {"kv_policy": json.loads(options.kv_override)} if options.kv_override else None
         self.started = self.finished = self.users = 0
         self.rows: list[dict] = []

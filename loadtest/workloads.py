@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 import re
 from pathlib import Path
 from typing import Protocol, Sequence
+
+from sglang_ams.data import find_data_dir
 
 WORKLOADS = ("reasoning", "long", "fewshot")
 ENDPOINTS = ("generate", "completions", "chat")
@@ -25,8 +26,7 @@ PATHS = {"generate": "/generate", "completions": "/v1/completions", "chat": "/v1
 DEFAULT_OUTPUT = {"reasoning": "2048-8192", "long": "32", "fewshot": "256"}
 DEFAULT_IGNORE_EOS = {"reasoning": True, "long": False, "fewshot": False}
 DEFAULT_PROMPT = "8192-32768"          # long-context prompt tokens
-# ../shared/data beside the checkout (the project's data folder), or $SGLANG_AMS_DATA as for the rest of the package.
-DEFAULT_DATA = Path(os.environ.get("SGLANG_AMS_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+DEFAULT_DATA = find_data_dir()         # $SGLANG_AMS_DATA or ../shared/data; None when absent
 SHOTS = 8
 
 
@@ -85,7 +85,10 @@ class Settings:
 
 
 # --- data -------------------------------------------------------------------------------------------------
-def _first(data: Path, *names: str) -> Path:
+def _first(data: Path | None, *names: str) -> Path:
+    if data is None:
+        raise FileNotFoundError("no data folder: pass --data-dir or set $SGLANG_AMS_DATA")
+    data = Path(data)
     for name in names:
         if (data / name).exists():
             return data / name
@@ -94,7 +97,7 @@ def _first(data: Path, *names: str) -> Path:
 
 def load_essays(data: Path) -> str:
     """All essays joined; accepts DATA/niah_paulgraham_essays/essays/*.txt or DATA/essays/*.txt."""
-    folder = _first(Path(data), "niah_paulgraham_essays/essays", "essays")
+    folder = _first(data, "niah_paulgraham_essays/essays", "essays")
     texts = [p.read_text(errors="replace").strip() for p in sorted(folder.glob("*.txt"))]
     if not texts:
         raise FileNotFoundError(f"no *.txt essays in {folder}")
@@ -105,7 +108,6 @@ def load_gsm8k(data: Path) -> tuple[list[dict], list[dict]]:
     """(train, test) rows; accepts DATA/gsm8k/{train,test}.jsonl or DATA/gsm8k_{train,test}.jsonl."""
     def rows(path: Path) -> list[dict]:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    data = Path(data)
     return (rows(_first(data, "gsm8k/train.jsonl", "gsm8k_train.jsonl")),
             rows(_first(data, "gsm8k/test.jsonl", "gsm8k_test.jsonl")))
 

@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 
 from .config import PolicyConfig
+from .data import find_data_dir
 from .reference import ReferenceResult, generate_reference
 
 GSM8K_SHOTS = 3
@@ -55,19 +56,6 @@ NEEDLE_ANSWER_PREFIX = "I found the important information hidden in the text. Th
 
 # ---------------------------------------------------------------------------------------------------------------
 # Data
-
-def find_data_dir() -> Path | None:
-    """$SGLANG_AMS_DATA, else ../shared/data beside the repo root or the working directory (None if absent)."""
-    env = os.environ.get("SGLANG_AMS_DATA")
-    if env:
-        return Path(env) if Path(env).is_dir() else None
-    repo_root = Path(__file__).resolve().parents[1]
-    for candidate in (repo_root.parent / "shared" / "data", Path.cwd().parent / "shared" / "data",
-                      Path.cwd() / "shared" / "data"):
-        if candidate.is_dir():
-            return candidate
-    return None
-
 
 def _read_jsonl(path: Path, count: int) -> list[dict]:
     rows = []

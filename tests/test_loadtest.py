@@ -40,7 +40,7 @@ assert Path(metrics.__file__).parent == LOADTEST
 
 DATA = wl.DEFAULT_DATA
 PLAN_OUT = str(ROOT / "build" / "lt-plan")    # plans only: nothing is written there
-if not (DATA / "gsm8k").exists():
+if DATA is None or not (DATA / "gsm8k").exists():
     DATA = ROOT / ".gpu" / "data"
 HAS_DATA = (DATA / "gsm8k").exists() or (DATA / "gsm8k_train.jsonl").exists()
 needs_data = pytest.mark.skipif(not HAS_DATA, reason="needs the GSM8K and essay data")
