@@ -319,7 +319,8 @@ def generate_reference(model, input_ids: Sequence[int] | torch.Tensor, cfg: Poli
     steps_since = 0
     if prefill_window:
         # The prompt supplies min(W, T) window queries; the engine compacts no earlier than MIN_DECODE_STEPS.
-        steps_since = cfg.window - max(MIN_DECODE_STEPS, cfg.window - min(cfg.window, logical))
+        decode_steps_needed = max(MIN_DECODE_STEPS, cfg.window - min(cfg.window, logical))
+        steps_since = cfg.window - decode_steps_needed
         ring.steps, ring.prefill = logical, True
 
     with _recording_queries(model):
