@@ -11,13 +11,15 @@ from sglang_ams.engine.settings import from_environment
 
 
 def verify_hook(result, self, *args, **kwargs):
-    params = self.custom_params or {}
-    if REQUEST_KEY not in params:
+    """Refuse a malformed override with a message naming the field (HTTP 400). Everything else is upstream's
+    business: custom_params that is not a dict carries no override, and a server without a policy ignores the
+    field, exactly as SGLang without the plugin does."""
+    params = self.custom_params
+    if not isinstance(params, dict) or REQUEST_KEY not in params:
         return result
     server = from_environment()
     if server is None or not server.enabled:
-        raise ValueError(f"custom_params.{REQUEST_KEY}: this server runs without a KV policy; start it with "
-                         "--kv-policy ams (or topk, streaming) to use per-request overrides")
+        return result
     try:
         cfg = request_override(server.policy, params[REQUEST_KEY])
     except ConfigError as err:

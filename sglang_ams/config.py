@@ -13,6 +13,8 @@ POLICIES = ("none", "topk", "ams", "streaming")
 SEGMENTERS = ("equal_mass", "fixed_length")
 SCORERS = ("tova", "snapkv", "h2o", "streaming", "expected_attention", "keydiff", "rkv",
            "triattention", "random")
+MAX_TOKENS = 1 << 30       # no context is longer; keeps every count far inside int32/int64 arithmetic
+MAX_WINDOW = 1024          # window queries per request and layer (the query ring holds W of them per row)
 # Scorers that read the window queries of the request (the query ring in the engine).
 QUERY_SCORERS = ("tova", "snapkv", "h2o", "rkv", "expected_attention")
 
@@ -23,7 +25,17 @@ class ConfigError(ValueError):
     def __init__(self, field: str, value: Any, valid: str):
         self.field, self.value, self.valid = field, value, valid
         flag = "--" + field.replace("_", "-")
-        super().__init__(f"{field} ({flag}) = {value!r} is invalid: {valid}")
+        super().__init__(f"{field} ({flag}) = {short_repr(value)} is invalid: {valid}")
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """repr for error messages about client input: bounded length, and never raising (a 5000-digit int's repr
+    does: Python's int-to-str limit)."""
+    try:
+        text = repr(value)
+    except Exception:       # noqa: BLE001 - any object a client managed to send
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +106,8 @@ def _int(cfg, name, lo, hi=None, extra=""):
 
 def _float(cfg, name, lo, hi, lo_open=False):
     v = getattr(cfg, name)
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) \
+    # (ints are compared as they are: math.isfinite of a huge int raises OverflowError)
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (isinstance(v, int) or math.isfinite(v)) \
         and (v > lo if lo_open else v >= lo) and v <= hi
     if not ok:
         raise ConfigError(EXTERNAL_NAMES[name], v, f"a number in {'(' if lo_open else '['}{lo}, {hi}]")
@@ -102,7 +115,7 @@ def _float(cfg, name, lo, hi, lo_open=False):
 
 def _choice(cfg, name, choices):
     v = getattr(cfg, name)
-    if v not in choices:
+    if not isinstance(v, str) or v not in choices:
         raise ConfigError(EXTERNAL_NAMES[name], v, "one of " + ", ".join(choices))
 
 
@@ -113,26 +126,26 @@ def validate(cfg: PolicyConfig) -> None:
     for name in ("use_credit", "use_mass", "prefill_window"):
         if not isinstance(getattr(cfg, name), bool):
             raise ConfigError(EXTERNAL_NAMES[name], getattr(cfg, name), "true or false")
-    _int(cfg, "sink", 0)
-    _int(cfg, "keep_lastn", 0)
-    _int(cfg, "budget", cfg.sink + cfg.keep_lastn + 1,
+    _int(cfg, "sink", 0, MAX_TOKENS)
+    _int(cfg, "keep_lastn", 0, MAX_TOKENS)
+    _int(cfg, "budget", cfg.sink + cfg.keep_lastn + 1, MAX_TOKENS,
          extra=f" (more than {EXTERNAL_NAMES['sink']} + {EXTERNAL_NAMES['keep_lastn']})")
-    _int(cfg, "window", 1)
-    _int(cfg, "interval", 1)
+    _int(cfg, "window", 1, MAX_WINDOW)
+    _int(cfg, "interval", 1, MAX_TOKENS)
     if cfg.needs_queries and cfg.interval < cfg.window:
         raise ConfigError("kv_interval", cfg.interval,
                           f"an integer >= {EXTERNAL_NAMES['window']} = {cfg.window} (compaction needs a full window "
                           "of queries newer than the last compaction)")
-    _int(cfg, "pool_kernel", 1)
+    _int(cfg, "pool_kernel", 1, MAX_WINDOW)
     if cfg.pool_kernel % 2 == 0:
         raise ConfigError(EXTERNAL_NAMES["pool_kernel"], cfg.pool_kernel, "an odd integer >= 1")
     _float(cfg, "delta", 0.0, 1.0, lo_open=True)
-    _int(cfg, "lmin", 1)
-    _int(cfg, "lmax", cfg.lmin, extra=f" (at least {EXTERNAL_NAMES['lmin']})")
-    _int(cfg, "qmin", 0)
+    _int(cfg, "lmin", 1, MAX_TOKENS)
+    _int(cfg, "lmax", cfg.lmin, MAX_TOKENS, extra=f" (at least {EXTERNAL_NAMES['lmin']})")
+    _int(cfg, "qmin", 0, MAX_TOKENS)
     _float(cfg, "credit_decay", 0.0, 1.0)
     _float(cfg, "mass_mix", 0.0, 1.0)
-    _int(cfg, "seed", 0)
+    _int(cfg, "seed", 0, 2**63 - 1)
     if not isinstance(cfg.triattention_stats, str):
         raise ConfigError(EXTERNAL_NAMES["triattention_stats"], cfg.triattention_stats, "a file path or empty")
 
@@ -156,14 +169,17 @@ REQUEST_KEYS = ("policy", "budget", "interval", "scorer")
 
 
 def request_override(base: PolicyConfig, override: Any) -> PolicyConfig:
-    """Apply a per-request ``kv_policy`` body field: a policy name or an object with REQUEST_KEYS."""
+    """Apply a per-request ``kv_policy`` body field: a policy name or an object with REQUEST_KEYS.
+
+    Anything a client can send ends in a ConfigError naming the field (never another exception): the value
+    comes straight from a JSON body or an Engine call."""
     if override is None:
         return base
     if isinstance(override, str):
         override = {"policy": override}
     if not isinstance(override, Mapping):
         raise ConfigError("kv_policy", override, "a policy name or an object with keys " + ", ".join(REQUEST_KEYS))
-    unknown = sorted(set(override) - set(REQUEST_KEYS))
-    if unknown:
-        raise ConfigError("kv_policy", unknown[0], "a key among " + ", ".join(REQUEST_KEYS))
+    for key in override:
+        if not isinstance(key, str) or key not in REQUEST_KEYS:
+            raise ConfigError("kv_policy", key, "a key among " + ", ".join(REQUEST_KEYS))
     return dataclasses.replace(base, **dict(override))

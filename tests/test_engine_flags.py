@@ -153,8 +153,7 @@ def test_request_override_validation(clean_env, monkeypatch):
         _verify({"kv_policy": {"budget": 8}}, monkeypatch)
     with pytest.raises(ValueError, match="a key among policy, budget, interval, scorer"):
         _verify({"kv_policy": {"window": 3}}, monkeypatch)
-    with pytest.raises(ValueError, match="runs without a KV policy"):
-        _verify({"kv_policy": "ams"}, monkeypatch, server=EngineSettings())
+    assert _verify({"kv_policy": "ams"}, monkeypatch, server=EngineSettings()) is None    # policy off: upstream
     with pytest.raises(ValueError, match="needs window queries"):
         _verify({"kv_policy": {"policy": "ams"}}, monkeypatch,
                 server=EngineSettings(policy=PolicyConfig(policy="topk", scorer="keydiff")))

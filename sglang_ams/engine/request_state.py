@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 
-from ..config import PolicyConfig, request_override
+from ..config import ConfigError, PolicyConfig, request_override
+
+logger = logging.getLogger("sglang_ams")
 
 ATTR = "_ams"
 REQUEST_KEY = "kv_policy"     # custom_params key of the per-request override
@@ -24,15 +27,25 @@ class RequestState:
 
 
 def requested_override(req):
-    params = getattr(req.sampling_params, "custom_params", None) or {}
-    return params.get(REQUEST_KEY)
+    """The request's kv_policy override, or None. custom_params is typed as a dict but not checked by SGLang's
+    native endpoint (a list or a string passes), so anything else means no override, as upstream treats it."""
+    params = getattr(req.sampling_params, "custom_params", None)
+    return params.get(REQUEST_KEY) if isinstance(params, dict) else None
 
 
 def state_of(req, server_cfg: PolicyConfig) -> RequestState | None:
-    """The request's state, created on first use; None when no policy applies to it."""
+    """The request's state, created on first use; None when no policy applies to it.
+
+    Runs in the scheduler, where an exception kills the server: an override that the verify hook should have
+    refused (a path that skipped it) falls back to the server's policy, with a warning."""
     st = getattr(req, ATTR, False)
     if st is False:
-        cfg = request_override(server_cfg, requested_override(req))
+        try:
+            cfg = request_override(server_cfg, requested_override(req))
+        except ConfigError as err:
+            logger.warning("sglang-ams: request %s: ignoring its override (%s); the server policy applies",
+                           getattr(req, "rid", "?"), err)
+            cfg = server_cfg
         st = RequestState(cfg=cfg) if cfg.enabled else None
         setattr(req, ATTR, st)
     return st
