@@ -100,7 +100,7 @@ def _int(cfg, name, lo, hi=None, extra=""):
     v = getattr(cfg, name)
     ok = isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)
     if not ok:
-        rng = f"an integer in [{lo}, {hi}]" if hi is not None else f"an integer >= {lo}"
+        rng = f"an integer >= {lo} and <= {hi}" if hi is not None else f"an integer >= {lo}"
         raise ConfigError(EXTERNAL_NAMES[name], v, rng + extra)
 
 
