@@ -9,11 +9,16 @@ Pinned and recent tokens are always kept; n_keep - P - R tokens of C are chosen.
 
 AMS picks tokens of C through one priority per token, then a single top-n over the row:
   * a token whose rank inside its segment (by base score) is below the segment's floor quota
-    q_s = min(qmin, len_s) gets an effectively infinite priority;
+    q_s = min(qmin, len_s) gets an effectively infinite priority (when the budget cannot cover every floor,
+    q_s = min(qmin, keep_C // n_segments, len_s), which always fits);
   * the k-th token past the quota gets mass_s / (k + 1).
 Taking the top of these priorities is D'Hondt apportionment of the remaining budget in proportion to segment
 mass, capped at each segment's length (a segment runs out of tokens) and exact in total: the water-filling of
 DESIGN.md §2.5 with integer rounding. Within a segment the best-scored tokens come first.
+
+Pinned and recent tokens are kept by mask, never by priority, so no score (NaN, inf) can drop them. Masses are
+summed in integer fixed point: a request's kept set depends on that request alone, not on the padding its
+batch gives it or on the order a GPU reduction adds up a row.
 """
 from __future__ import annotations
 
@@ -24,9 +29,9 @@ import torch
 
 from .config import PolicyConfig
 
-FORCED = float("inf")        # pinned and recent tokens
 QUOTA = 1e30                 # floor-quota tokens of a segment
 MASS_FLOOR = 1e-6            # keeps every segment's mass positive so leftover budget always finds a home
+FIXED_ONE = 1 << 32          # mass in fixed point: a row's largest value is 2^32 (int64 sums stay below 2^63)
 
 
 @dataclasses.dataclass
@@ -52,13 +57,23 @@ def _regions(lengths, n_pinned, keep_lastn, shape, t):
     return valid, comp, pos
 
 
-def _finalize(priority: torch.Tensor, n_keep_rows: torch.Tensor, k: int) -> torch.Tensor:
-    """Top-n_keep of each row by priority (ties: earlier position first), returned ascending, -1 padded."""
+def _finalize(priority: torch.Tensor, comp: torch.Tensor, forced: torch.Tensor, keep_rows: torch.Tensor,
+              k: int) -> torch.Tensor:
+    """Every forced (pinned, recent) token plus the best of C by priority, keep_rows in all; ascending, -1 padded.
+
+    Forced tokens are taken by their mask, not by a priority: whatever the scores hold (NaN sorts above +inf),
+    a pinned token can never drop out, and the kept set of the first P positions is exactly 0..P-1."""
     t = priority.shape[-1]
-    order = torch.sort(priority, dim=-1, descending=True, stable=True).indices[:, :k]
-    pad = torch.arange(k, device=priority.device)[None, :] >= n_keep_rows
-    kept = torch.sort(order.masked_fill(pad, t), dim=-1).values
-    return kept.masked_fill(kept == t, -1)
+    keep_c = (keep_rows - forced.sum(-1, keepdim=True)).clamp(min=0)
+    kc = min(k, t)
+    order = torch.sort(torch.where(comp, priority, float("-inf")), dim=-1, descending=True, stable=True).indices
+    take = torch.arange(kc, device=priority.device)[None, :] < keep_c
+    chosen = torch.zeros_like(comp).scatter_(1, order[:, :kc], take) & comp
+    kept = forced | chosen
+    rank = torch.cumsum(kept, dim=-1) - 1                      # ascending positions land in ascending slots
+    out = torch.full((priority.shape[0], k + 1), -1, dtype=torch.long, device=priority.device)
+    out.scatter_(1, torch.where(kept, rank, k), torch.arange(t, device=priority.device).expand_as(rank))
+    return out[:, :k].contiguous()
 
 
 def _clean(scores: torch.Tensor) -> torch.Tensor:
@@ -79,20 +94,26 @@ def select_topk(scores: torch.Tensor, lengths: torch.Tensor, n_pinned: torch.Ten
     """Global top-k of the base scorer over C, plus pinned and recent tokens."""
     n, nl, h, t = scores.shape
     valid, comp, _ = _regions(lengths, n_pinned, keep_lastn, (n, nl, h), t)
-    s = _clean(scores).reshape(-1, t)
-    priority = torch.where(comp, s, torch.where(valid, FORCED, float("-inf")))
     keep = _keep_counts(lengths, n_keep)
     k = _max_keep(keep, t, k_max)
-    idx = _finalize(priority, _rows(keep, (n, nl, h)), k).view(n, nl, h, k)
-    return Selection(indices=idx, n_keep=keep, credit=None, segment_ids=None)
+    idx = _finalize(_clean(scores).reshape(-1, t), comp, valid & ~comp, _rows(keep, (n, nl, h)), k)
+    return Selection(indices=idx.view(n, nl, h, k), n_keep=keep, credit=None, segment_ids=None)
 
 
-def _normalise(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """x restricted to mask, summing to 1 per row; uniform over the mask where x has no mass."""
-    x = torch.where(mask, x, 0.0)
-    total = x.sum(-1, keepdim=True)
-    uniform = mask.float() / mask.sum(-1, keepdim=True).clamp(min=1)
-    return torch.where(total > 0, x / total.clamp(min=1e-30), uniform)
+def _fixed_point(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x restricted to mask as int64 fixed point, the row's largest value at FIXED_ONE; uniform where the row
+    has no mass. Non-finite and negative values count as no mass. Sums and prefix sums of the result are exact
+    integers, so a row's mass, boundaries and segment shares do not depend on how far the row is padded or on
+    the order a reduction adds it up (float sums over padded rows differ in the last bits)."""
+    x = torch.where(mask & torch.isfinite(x), x.float(), 0.0).clamp(min=0.0)
+    peak = x.amax(-1, keepdim=True)
+    fixed = torch.floor(x / peak.clamp(min=1e-38) * FIXED_ONE).long()
+    return torch.where(peak > 0, fixed, mask.long())
+
+
+def _share(fixed: torch.Tensor) -> torch.Tensor:
+    """Fixed-point mass as float64 fractions of its row total (exact total; elementwise division)."""
+    return fixed.double() / fixed.sum(-1, keepdim=True).clamp(min=1).double()
 
 
 def _segment_table(start: torch.Tensor, comp: torch.Tensor):
@@ -106,26 +127,26 @@ def _segment_table(start: torch.Tensor, comp: torch.Tensor):
 
 
 def _used_mass(evidence, credit, comp, cfg: PolicyConfig):
-    """The mass u that places boundaries and shares the budget, and the updated credit to carry."""
-    m = _normalise(evidence.float().relu(), comp)
+    """The mass u (int64 fixed point) that places boundaries and shares the budget, and the updated credit."""
+    m = _share(_fixed_point(evidence, comp))
     new_credit = None
     if cfg.use_credit:
-        old = torch.zeros_like(m) if credit is None else credit.float()
+        old = torch.zeros_like(m) if credit is None else \
+            torch.where(torch.isfinite(credit), credit.double(), 0.0).clamp(min=0.0)
         new_credit = cfg.credit_decay * old + (1.0 - cfg.credit_decay) * m
-        u = _normalise(cfg.mass_mix * m + (1.0 - cfg.mass_mix) * _normalise(new_credit, comp), comp)
-    else:
-        u = m
+        m = cfg.mass_mix * m + (1.0 - cfg.mass_mix) * _share(_fixed_point(new_credit, comp))
+        new_credit = new_credit.float()
     if not cfg.use_mass:
-        u = _normalise(torch.ones_like(m), comp)
-    return u, new_credit
+        m = comp.double()
+    return _fixed_point(m, comp), new_credit
 
 
 def segment(u: torch.Tensor, comp: torch.Tensor, pos: torch.Tensor, n_pinned_rows: torch.Tensor,
             cfg: PolicyConfig) -> torch.Tensor:
-    """Start flags [rows, T] of the segments of C: equal-mass (or fixed-length) cuts, short ones merged, long split."""
-    t = u.shape[-1]
+    """Start flags [rows, T] of the segments of C: equal-mass (or fixed-length) cuts, short ones merged, long split.
+    u is the int64 fixed-point mass (exact prefix sums)."""
     if cfg.segmenter == "equal_mass":
-        cum_before = torch.cumsum(u, dim=-1) - u
+        cum_before = (torch.cumsum(u, dim=-1) - u).double() / u.sum(-1, keepdim=True).clamp(min=1).double()
         n_max = max(0, math.ceil(1.0 / cfg.delta - 1e-9) - 1)
         raw = torch.floor(cum_before / cfg.delta).clamp(0, n_max).long()
     else:  # fixed_length: as many equal-length segments as equal-mass would make
@@ -196,23 +217,27 @@ def select_ams(scores: torch.Tensor, evidence: torch.Tensor | None, lengths: tor
     keep_rows = _rows(keep, shape)
     forced = valid & ~comp
     keep_c = (keep_rows - forced.sum(-1, keepdim=True)).clamp(min=0)
-    n_seg = (lens[:, :t] > 0).sum(-1, keepdim=True)
-    q_floor = torch.minimum(torch.full_like(keep_c, cfg.qmin), keep_c // n_seg.clamp(min=1))
+    seg_lens = lens[:, :t]
+    n_seg = (seg_lens > 0).sum(-1, keepdim=True)
+    # Floor quota min(qmin, len_s) for every segment (DESIGN.md); only where the budget cannot cover all floors,
+    # each gets min(qmin, keep_c // n_seg, len_s) instead, which always fits.
+    floors = torch.minimum(seg_lens, torch.full_like(seg_lens, cfg.qmin)).sum(-1, keepdim=True)
+    q_floor = torch.where(floors <= keep_c, cfg.qmin,
+                          torch.minimum(torch.full_like(keep_c, cfg.qmin), keep_c // n_seg.clamp(min=1)))
 
-    seg_mass = torch.zeros(lens.shape, dtype=torch.float32, device=u.device)
-    seg_mass.scatter_add_(1, sid, u)
-    seg_mass = seg_mass + MASS_FLOOR * lens / comp.sum(-1, keepdim=True).clamp(min=1)
+    seg_fixed = torch.zeros(lens.shape, dtype=torch.long, device=u.device).scatter_add_(1, sid, u)
+    seg_mass = _share(seg_fixed[:, :t]) + MASS_FLOOR * seg_lens / comp.sum(-1, keepdim=True).clamp(min=1)
+    seg_mass = torch.nn.functional.pad(seg_mass, (0, 1))         # the dummy id T (outside C)
 
     s = torch.where(comp, _clean(scores).reshape(-1, t), float("-inf"))
     rank = _rank_in_segment(s, sid, lens)
     quota = torch.minimum(q_floor, lens.gather(1, sid))
     past = (rank - quota).clamp(min=0)
-    share = seg_mass.gather(1, sid) / (past + 1).float()
-    in_c = torch.where(rank < quota, QUOTA, share)
-    priority = torch.where(comp, in_c, torch.where(valid, FORCED, float("-inf")))
+    share = seg_mass.gather(1, sid) / (past + 1).double()
+    priority = torch.where(rank < quota, QUOTA, share)
 
     k = _max_keep(keep, t, k_max)
-    idx = _finalize(priority, keep_rows, k)
+    idx = _finalize(priority, comp, forced, keep_rows, k)
     carried = None
     if new_credit is not None:
         carried = new_credit.gather(1, idx.clamp(min=0)).masked_fill(idx < 0, 0.0).view(n, nl, h, k)
