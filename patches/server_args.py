@@ -128,6 +128,10 @@ def compatible_overrides(get: Callable[[str, Any], Any]) -> dict:
     for name in ("pp_size", "dcp_size"):
         if (get(name, 1) or 1) > 1:
             raise UnsupportedFeature(name, get(name, 1), "pipeline / decode-context parallelism is not supported")
+    for name in ("tp_size", "dp_size"):
+        if (get(name, 1) or 1) > 1:
+            raise UnsupportedFeature(name, get(name, 1), "compaction has not been run on several GPUs yet (tensor "
+                                     "and data parallelism are refused until a multi-GPU run proves them)")
     if get("disaggregation_mode", "null") not in (None, "null"):
         raise UnsupportedFeature("disaggregation_mode", get("disaggregation_mode", None),
                                  "prefill/decode disaggregation moves KV between servers")

@@ -87,6 +87,8 @@ def _namespace(model, *flags):
     (["--kv-policy", "ams", "--attention-backend", "triton"], "cannot be combined with --attention-backend='triton'"),
     (["--kv-policy", "topk", "--kv-cache-dtype", "fp8_e4m3"], "--kv-cache-dtype='fp8_e4m3'"),
     (["--kv-policy", "ams", "--speculative-algorithm", "EAGLE"], "--speculative-algorithm"),
+    (["--kv-policy", "ams", "--tp-size", "2"], "cannot be combined with --tp-size=2"),
+    (["--kv-policy", "topk", "--dp-size", "2"], "cannot be combined with --dp-size=2"),
     (["--kv-policy", "ams", "--ams-batch-slack", "1.0"], "ams_batch_slack (--ams-batch-slack) = 1.0 is invalid: a number in [0, 1)"),
 ])
 def test_bad_flags_exit_with_clear_message(plugins, clean_env, tiny_model, flags, needle):
