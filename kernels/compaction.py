@@ -52,7 +52,7 @@ def _block_slots(r2t_row, keep_row, keep_sj, j0, count, BLOCK_J: tl.constexpr):
     return src_slot, dst_slot, moving
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["keep_sn", "keep_sl", "keep_sh", "keep_len", "num_layers"])   # vary per step
 def _compact_kernel(
         k_ptrs, v_ptrs, req_to_token, req_rows, keep, n_keep,
         r2t_stride, keep_sn, keep_sl, keep_sh, keep_sj, keep_len, slot_stride, num_layers,

@@ -10,10 +10,11 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
-def _gather_kernel(ptrs, req_to_token, rows, lengths, out, r2t_stride, slot_stride,
-                   NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_LAYERS: tl.constexpr, T_OUT,
-                   BLOCK_T: tl.constexpr):
+# The group's layer count and padded length vary from step to step: not specialised, so one compilation
+# (at the server's warm-up) serves every step.
+@triton.jit(do_not_specialize=["num_layers", "T_OUT"])
+def _gather_kernel(ptrs, req_to_token, rows, lengths, out, r2t_stride, slot_stride, num_layers, T_OUT,
+                   NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
     n = tl.program_id(0)
     lh = tl.program_id(1)
     tb = tl.program_id(2)
@@ -27,7 +28,7 @@ def _gather_kernel(ptrs, req_to_token, rows, lengths, out, r2t_stride, slot_stri
     base = tl.load(ptrs + layer).to(tl.pointer_type(out.dtype.element_ty))
     d = tl.arange(0, HEAD_DIM)
     x = tl.load(base + slot[:, None] * slot_stride + head * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0)
-    dst = ((n * NUM_LAYERS + layer) * NUM_HEADS + head).to(tl.int64) * T_OUT + t
+    dst = ((n * num_layers + layer) * NUM_HEADS + head).to(tl.int64) * T_OUT + t
     tl.store(out + dst[:, None] * HEAD_DIM + d[None, :], x, mask=(t < T_OUT)[:, None])
 
 
@@ -41,9 +42,8 @@ def gather_dense(ptrs: torch.Tensor, req_to_token: torch.Tensor, rows: torch.Ten
     out = torch.empty(n, num_layers, num_heads, num_tokens, head_dim, dtype=dtype, device=req_to_token.device)
     block_t = 64
     grid = (n, num_layers * num_heads, triton.cdiv(num_tokens, block_t))
-    _gather_kernel[grid](ptrs, req_to_token, rows, lengths, out, req_to_token.stride(0), slot_stride,
-                         NUM_HEADS=num_heads, HEAD_DIM=head_dim, NUM_LAYERS=num_layers, T_OUT=num_tokens,
-                         BLOCK_T=block_t)
+    _gather_kernel[grid](ptrs, req_to_token, rows, lengths, out, req_to_token.stride(0), slot_stride, num_layers,
+                         num_tokens, NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_T=block_t)
     return out
 
 

@@ -110,7 +110,12 @@ def _key_base(k_ptrs, l, KV_DTYPE: tl.constexpr):
     return tl.multiple_of(base, 16)    # torch buffers are 256-byte aligned: lets the compiler use 16-byte loads
 
 
-@triton.jit
+# Arguments that change with the group (its size, layer chunk, padded length, split count) are not
+# specialised: one compilation per constexpr variant, made at the server's warm-up, serves every step.
+_VARYING = ["q_sn", "q_sl", "num_layers", "split_len", "num_splits"]
+
+
+@triton.jit(do_not_specialize=_VARYING)
 def _lse_partials_kernel(
         k_ptrs, req_to_token, req_rows, lengths, queries, part_max, part_sum,
         r2t_stride, q_sn, q_sl, q_sh, q_sw, slot_stride, num_layers, split_len, num_splits, scale_log2,
@@ -143,7 +148,7 @@ def _lse_partials_kernel(
     tl.store(part_sum + offs, row_sum)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_VARYING + ["lse_sn", "lse_sl", "out_len"])
 def _probabilities_kernel(
         k_ptrs, req_to_token, req_rows, lengths, queries, part_max, part_sum, row_lse, mean_out, last_out,
         r2t_stride, q_sn, q_sl, q_sh, q_sw, lse_sn, lse_sl, lse_sh, slot_stride, num_layers, split_len, num_splits,
@@ -348,7 +353,8 @@ def window_attention_pool(k_ptrs: torch.Tensor, req_to_token: torch.Tensor, req_
         k_ptrs, req_to_token, req_rows, lengths, queries, part_max, part_sum, lse_arg, mean_out,
         last_out if last_out is not None else mean_out,
         req_to_token.stride(0), *q_strides, *lse_strides, slot_stride, num_layers, split_len, splits, out_len,
-        scale * LOG2E, S_PAD=_next_pow2(splits), GROUP_MEAN=group_reduce == "mean", WANT_LAST=want_last_row,
+        scale * LOG2E, S_PAD=1 if row_lse is not None else _next_pow2(splits),   # (S_PAD unused with an LSE)
+        GROUP_MEAN=group_reduce == "mean", WANT_LAST=want_last_row,
         LSE_GIVEN=row_lse is not None, **common)
     return mean_out, last_out
 

@@ -17,10 +17,12 @@ import torch
 from sglang_ams.engine import request_state
 from sglang_ams.engine import ring as ams_ring
 from sglang_ams.engine import runtime as ams_runtime
+from sglang_ams.engine import workspace as ams_workspace
 from sglang_ams.engine.settings import from_environment
 
 logger = logging.getLogger("sglang_ams")
 RADIX = "sglang.srt.mem_cache.radix_cache.RadixCache"
+WORKSPACE_ATTR = "_ams_workspace_bytes"
 
 
 def _policy_state(req):
@@ -67,20 +69,46 @@ def release_kv_cache_before(req, *args, **kwargs):
     return None
 
 
+def _kv_dims(model_config, kv_dtype) -> dict:
+    """Per-rank KV shape numbers the reservations are computed from (tensor parallelism is refused)."""
+    heads = max(1, model_config.num_key_value_heads)
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    return dict(num_kv_heads=heads, group=model_config.num_attention_heads // heads, head_dim=head_dim,
+                elem_size=torch.empty((), dtype=kv_dtype).element_size())
+
+
+def workspace_bound(settings, dims: dict, context_len: int, kv_bytes: int) -> int:
+    """Bytes reserved for a compaction step's temporaries: the operator's --ams-workspace-mib or automatic; never
+    below the smallest chunk the planner may have to run (refused at startup if the operator's value is)."""
+    smallest = ams_workspace.smallest_chunk(settings.policy, context_len=context_len, **dims)
+    if not settings.workspace_mib:
+        return ams_workspace.auto_bound(smallest, kv_bytes)
+    bound = settings.workspace_mib << 20
+    if bound < smallest:
+        raise ams_runtime.Unsupported(
+            f"--ams-workspace-mib {settings.workspace_mib} is below the smallest compaction step this server may "
+            f"run ({-(-smallest >> 20)} MiB: one layer of a {context_len}-token request under its costliest "
+            "scorer); raise it, set 0 (automatic) or lower --context-length")
+    return bound
+
+
 def profile_available_bytes_hook(orig, self, *args, **kwargs):
     available = orig(self, *args, **kwargs)
     settings = from_environment()
-    if settings is None or not settings.policy.needs_queries or getattr(self, "is_draft_worker", False):
+    if settings is None or not settings.enabled or getattr(self, "is_draft_worker", False):
         return available
     p = settings.policy
-    mc = self.model_config
-    group = mc.num_attention_heads // max(1, mc.num_key_value_heads)
-    head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
-    interval = p.interval - settings.slack_tokens(p.interval)     # rows are lent from trigger - slack - window
-    fraction = ams_ring.kv_fraction(p.window, group, p.budget, interval, head_dim=head_dim)
-    kept = int(available / (1.0 + fraction))
-    logger.info("sglang-ams: reserving %.1f MiB of the KV budget for the query ring (%.2f%%)",
-                (available - kept) / 2**20, 100.0 * fraction)
+    dims = _kv_dims(self.model_config, self.kv_cache_dtype)
+    bound = workspace_bound(settings, dims, self.model_config.context_len, available)
+    setattr(self, WORKSPACE_ATTR, bound)       # alloc_memory_pool_hook hands it to the runtime
+    fraction = 0.0
+    if p.needs_queries:
+        interval = p.interval - settings.slack_tokens(p.interval)     # rows are lent from trigger - slack - window
+        fraction = ams_ring.kv_fraction(p.window, dims["group"], p.budget, interval, head_dim=dims["head_dim"])
+    kept = int((available - bound) / (1.0 + fraction))
+    logger.info("sglang-ams: reserving %.1f MiB of the KV budget: query ring %.1f MiB (%.2f%%), compaction "
+                "workspace %.1f MiB", (available - kept) / 2**20, (available - bound - kept) / 2**20,
+                100.0 * fraction, bound / 2**20)
     return kept
 
 
@@ -99,6 +127,13 @@ def alloc_memory_pool_hook(result, self, *args, **kwargs):
     rows = ams_runtime.ring_rows_for(settings, self.max_total_num_tokens)
     rt = ams_runtime.Runtime(settings, shape, self.token_to_kv_pool, self.req_to_token_pool,
                              self.token_to_kv_pool_allocator, rope, rows)
+    bound = getattr(getattr(self, "kv_cache_configurator", None), WORKSPACE_ATTR, None)
+    if bound is None:       # the profiling hook did not run (a fixed --max-total-tokens path): same rule, pool bytes
+        dims = dict(num_kv_heads=shape.num_kv_heads, group=shape.group_size, head_dim=shape.head_dim,
+                    elem_size=torch.empty((), dtype=shape.dtype).element_size())
+        context = getattr(self.model_config, "context_len", None) or self.req_to_token_pool.req_to_token.shape[1]
+        bound = workspace_bound(settings, dims, context, rt.kv_pool_bytes())
+    rt.set_workspace(bound)
     ams_runtime.install(rt)
     return result
 

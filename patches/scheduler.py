@@ -48,12 +48,18 @@ def init_hook(result, self, *args, **kwargs):
     _check_scheduler(self)
     rt.attach_scheduler(self)
     setattr(self, ATTR, Compactor(rt))
+    if settings.warmup:
+        from sglang_ams.engine.warmup import warm_up
+        rt.counters.warmup_seconds = warm_up(rt)
+        logger.info("sglang-ams: compaction kernels compiled in %.1f s", rt.counters.warmup_seconds)
     _init_prometheus(self, rt)
     p = settings.policy
     logger.info("sglang-ams: policy %s, scorer %s, budget %d, interval %d, window %d, prompt %s; ring %s; "
-                "static overhead %.1f MiB = %.2f%% of the KV pool", p.policy, p.scorer, p.budget, p.interval,
+                "static overhead %.1f MiB = %.2f%% of the KV pool; compaction workspace %.1f MiB = %.2f%% "
+                "(reserved)", p.policy, p.scorer, p.budget, p.interval,
                 p.window, settings.prompt_cache, f"{rt.ring.rows} rows" if rt.ring is not None else "off",
-                rt.overhead_bytes() / 2**20, 100.0 * rt.overhead_bytes() / max(1, rt.kv_pool_bytes()))
+                rt.overhead_bytes() / 2**20, 100.0 * rt.overhead_bytes() / max(1, rt.kv_pool_bytes()),
+                rt.workspace_bytes / 2**20, 100.0 * rt.workspace_bytes / max(1, rt.kv_pool_bytes()))
 
 
 def update_running_batch_hook(orig, self, batch):

@@ -69,6 +69,11 @@ _HELP = {
     "debug_checks": "Assert bookkeeping invariants after every compaction (slow; for testing).",
     "scoring_lse": "decode: window attention uses each window query's log-sum-exp from the decode attention "
                    "(keys read once); recompute: the scoring kernel computes it (keys read twice).",
+    "workspace_mib": "GPU memory (MiB) a compaction step may use for its temporaries, reserved from the KV budget; "
+                     "groups are split so no step passes it. 0: the larger of 2%% of the KV budget and one layer "
+                     "of one request at the context length.",
+    "warmup": "Compile the compaction kernels at startup, so the first compaction costs what later ones do "
+              "(false: they compile in the first compaction step).",
     "batch_slack": "A request this fraction of its interval short of its trigger compacts together with a due "
                    "request (fewer, larger compaction steps); 0 compacts every request exactly at its trigger.",
 }

@@ -25,6 +25,7 @@ from ..kernels.compaction import compact_kv
 from ..kernels.gather import gather_dense
 from ..kernels.scoring import window_attention_pool
 from ..scorers.base import ScoreInputs, WindowAttention
+from . import workspace
 from .admission import MIN_DECODE_STEPS
 from .counters import Timer, now
 from .request_state import RequestState, state_of
@@ -91,6 +92,7 @@ class Due:
     state: RequestState
     length: int              # physical KV length L
     prefix: int              # radix-owned prefix P (never touched)
+    credit_parts: list = dataclasses.field(default_factory=list)    # [Lc, H, keep] per layer chunk, in order
 
     @property
     def keep(self) -> int:
@@ -168,21 +170,40 @@ class Compactor:
         groups: dict = {}
         for d in due:
             groups.setdefault(group_key(d.state.cfg), []).append(d)
+        peak = workspace_peak_start(rt.device)
         for items in groups.values():
-            self._compact_group(items)
+            for chunk in self.chunks(items):
+                self._compact_group([items[i] for i in chunk.members], chunk.layers)
+        rt.counters.workspace_peak(workspace_peak_end(rt.device, peak))
         self._shrink_batch(batch, due)
-        rt.counters.launches += 1
-        rt.counters.host_seconds += now() - start
+        rt.counters.step_done(now() - start)
         if rt.settings.debug_checks:
             check_invariants(rt, batch)
         return len(due)
 
-    def _compact_group(self, items: list[Due]) -> None:
+    def chunk_cost(self, cfg: PolicyConfig) -> workspace.ChunkCost:
+        shape = self.rt.shape
+        return workspace.chunk_cost(cfg, self._scorer(cfg), num_kv_heads=shape.num_kv_heads,
+                                    group=shape.group_size, head_dim=shape.head_dim,
+                                    elem_size=torch.empty((), dtype=shape.dtype).element_size(),
+                                    attention=needs_attention(cfg), last_row=cfg.scorer == "tova")
+
+    def chunks(self, items: list[Due]) -> list[workspace.Chunk]:
+        """The group cut so that no chunk's temporaries pass the bound reserved at startup (host arithmetic)."""
+        cost = self.chunk_cost(items[0].state.cfg)
+        return workspace.plan_chunks([d.length for d in items], self.rt.shape.num_layers, cost,
+                                     self.rt.workspace_bytes)
+
+    def _compact_group(self, items: list[Due], layers: range | None = None) -> None:
+        """Score, select and move the KV of `items` over `layers` (default: all); after a request's last layer
+        chunk, commit it (free its tail, fix lengths and offsets)."""
         rt, shape = self.rt, self.rt.shape
+        layers = layers if layers is not None else range(shape.num_layers)
         cfg = items[0].state.cfg
         dev = rt.device
         r2t = rt.req_to_token_pool.req_to_token
-        n = len(items)
+        n, nl = len(items), len(layers)
+        k_ptrs, v_ptrs = rt.k_ptrs[layers.start:layers.stop], rt.v_ptrs[layers.start:layers.stop]
         t_max = max(d.length for d in items)
         k_max = max(d.keep for d in items)
         rows = torch.tensor([d.req.req_pool_idx for d in items], dtype=torch.int64, device=dev)
@@ -196,36 +217,48 @@ class Compactor:
         if cfg.needs_queries:
             ring_rows = torch.tensor([d.state.ring_row for d in items], dtype=torch.int64, device=dev)
             newest = torch.tensor([d.length - 1 + d.state.pos_offset for d in items], dtype=torch.int64, device=dev)
-            queries, query_pos = rt.ring.window_queries(ring_rows, newest)
+            queries, query_pos = rt.ring.window_queries(ring_rows, newest, layers)
         if needs_attention(cfg):
             attention = functools.partial(
-                window_attention_pool, rt.k_ptrs, r2t, rows, lengths, queries, kv_dtype=shape.dtype,
+                window_attention_pool, k_ptrs, r2t, rows, lengths, queries, kv_dtype=shape.dtype,
                 num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim, slot_stride=rt.slot_stride,
                 scale=shape.scale, want_last_row=cfg.scorer == "tova", max_len=t_max)
             if rt.settings.scoring_lse == "decode" and rt.ring.has_lse and rt.decode_lse_ok is not False \
                     and all(d.state.ring_lse for d in items):
-                row_lse = rt.ring.window_lse(ring_rows, newest)     # keys are then read once
+                row_lse = rt.ring.window_lse(ring_rows, newest, layers)     # keys are then read once
             mean_rows, last_row = attention(row_lse=row_lse)
             if row_lse is not None and (rt.decode_lse_ok is None or rt.settings.debug_checks):
                 mean_rows, last_row = self._verify_decode_lse(attention, mean_rows, last_row, items)
             if row_lse is not None and rt.decode_lse_ok:
                 rt.counters.decode_lse_launches += 1
             attn = WindowAttention(mean_rows=mean_rows, last_row=last_row)
-        keys, values = self._dense_kv(scorer, rows, lengths, n, t_max)
+        keys, values = self._dense_kv(scorer, k_ptrs, v_ptrs, rows, lengths, n, nl, t_max)
         inputs = ScoreInputs(keys=keys, values=values, lengths=lengths.long(), queries=queries,
-                             query_pos=query_pos, rope=rt.rope, scale=shape.scale, attn=attn)
-        credit = self._credit(items, t_max) if cfg.policy == "ams" and cfg.use_credit else None
+                             query_pos=query_pos, rope=rt.rope, scale=shape.scale, attn=attn,
+                             layer_start=layers.start)
+        credit = self._credit(items, t_max, layers) if cfg.policy == "ams" and cfg.use_credit else None
         sel = plan(cfg, scorer, inputs, n_pinned, n_keep, credit, k_max=k_max)
+        del keys, values, inputs, attn, credit          # (their memory is free for the move)
         t1 = self._timer.mark()
-        compact_kv(rt.k_ptrs, rt.v_ptrs, r2t, rows, sel.indices, n_keep, kv_dtype=shape.dtype,
+        if rt.settings.debug_checks:
+            check_pinned_in_place(sel.indices, items)
+        compact_kv(k_ptrs, v_ptrs, r2t, rows, sel.indices, n_keep, kv_dtype=shape.dtype,
                    num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim, slot_stride=rt.slot_stride)
         t2 = self._timer.mark()
         rt.counters.gpu_span("score", t0, t1)
         rt.counters.gpu_span("compact", t1, t2)
+        if sel.credit is not None:
+            for j, d in enumerate(items):
+                d.credit_parts.append(sel.credit[j, :, :, : d.keep])
+        if layers.stop == shape.num_layers:
+            self._commit(items, rows)
 
+    def _commit(self, items: list[Due], rows: torch.Tensor) -> None:
+        """A request's KV is compacted on every layer: free its tail, shorten its lengths, grow its offset."""
+        rt = self.rt
         self._free_tails(items)
         offsets = []
-        for j, d in enumerate(items):
+        for d in items:
             dropped = d.length - d.keep
             d.req.kv_committed_len -= dropped
             d.req.kv.kv_allocated_len -= dropped
@@ -233,14 +266,14 @@ class Compactor:
             st.pos_offset += dropped
             st.compacted = True
             st.compactions += 1
-            if sel.credit is not None:
-                st.credit = sel.credit[j, :, :, : d.keep].clone()
+            if d.credit_parts:
+                st.credit = torch.cat(d.credit_parts, dim=0).clone()
             if st.ring_row:
                 rt.ring.release(d.req.req_pool_idx, st.ring_row)
                 st.ring_row, st.ring_start, st.ring_lse = 0, -1, True
             offsets.append(st.pos_offset)
             rt.counters.record(d.length, d.keep)
-        rt.pos_offsets[rows] = torch.tensor(offsets, dtype=torch.int64, device=dev)
+        rt.pos_offsets[rows] = torch.tensor(offsets, dtype=torch.int64, device=rt.device)
 
     def _verify_decode_lse(self, attention, mean_rows, last_row, items):
         """The first scoring from the decode attention's LSE (every one in debug mode) is recomputed by the
@@ -262,26 +295,26 @@ class Compactor:
         rt.decode_lse_ok = True
         return mean_rows, last_row
 
-    def _dense_kv(self, scorer, rows, lengths, n, t_max):
+    def _dense_kv(self, scorer, k_ptrs, v_ptrs, rows, lengths, n, nl, t_max):
         shape, rt = self.rt.shape, self.rt
-        dims = (n, shape.num_layers, shape.num_kv_heads, t_max, shape.head_dim)
+        dims = (n, nl, shape.num_kv_heads, t_max, shape.head_dim)
         if not getattr(scorer, "reads_kv", True):
             # Shape only: this scorer works from the attention statistics.
             empty = torch.empty((), dtype=shape.dtype, device=rt.device).expand(*dims)
             return empty, empty
         r2t = rt.req_to_token_pool.req_to_token
-        kw = dict(num_layers=shape.num_layers, num_heads=shape.num_kv_heads, head_dim=shape.head_dim,
+        kw = dict(num_layers=nl, num_heads=shape.num_kv_heads, head_dim=shape.head_dim,
                   slot_stride=rt.slot_stride, dtype=shape.dtype)
-        return (gather_dense(rt.k_ptrs, r2t, rows, lengths, t_max, **kw),
-                gather_dense(rt.v_ptrs, r2t, rows, lengths, t_max, **kw))
+        return (gather_dense(k_ptrs, r2t, rows, lengths, t_max, **kw),
+                gather_dense(v_ptrs, r2t, rows, lengths, t_max, **kw))
 
-    def _credit(self, items: list[Due], t_max: int) -> torch.Tensor:
+    def _credit(self, items: list[Due], t_max: int, layers: range) -> torch.Tensor:
         """Carried credit aligned with the current tokens; tokens added since the last compaction start at 0."""
         shape = self.rt.shape
-        credit = torch.zeros(len(items), shape.num_layers, shape.num_kv_heads, t_max, device=self.rt.device)
+        credit = torch.zeros(len(items), len(layers), shape.num_kv_heads, t_max, device=self.rt.device)
         for j, d in enumerate(items):
             if d.state.credit is not None:
-                c = d.state.credit
+                c = d.state.credit[layers.start:layers.stop]
                 credit[j, :, :, : c.shape[-1]] = c
         return credit
 
@@ -326,6 +359,31 @@ def check_decode_lse(got: torch.Tensor, recomputed: torch.Tensor, items: list[Du
     if not torch.allclose(got, recomputed, atol=2e-4, rtol=2e-2):
         raise AssertionError(f"window attention from the decode LSE differs from the recomputed one by {err:.3g} "
                              f"(max value {scale:.3g}) for requests {[d.req.rid for d in items]}")
+
+
+def workspace_peak_start(device: torch.device):
+    """Allocated bytes before the step, with the allocator's peak reset (host-side statistics: no sync)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def workspace_peak_end(device: torch.device, before) -> int:
+    """The step's transient peak: the allocator's peak since the start, above what was allocated then."""
+    if before is None:
+        return 0
+    return max(0, torch.cuda.max_memory_allocated(device) - before)
+
+
+def check_pinned_in_place(indices: torch.Tensor, items: list[Due]) -> None:
+    """Debug mode: slot j < pinned keeps token j, so the move never writes a tree-owned (or sink) slot."""
+    for j, d in enumerate(items):
+        head = indices[j, ..., : d.pinned]
+        want = torch.arange(d.pinned, device=indices.device).expand_as(head)
+        if not torch.equal(head, want):
+            raise AssertionError(f"request {d.req.rid}: the selection moves pinned tokens (pinned {d.pinned}); "
+                                 "compaction would write slots the radix tree owns")
 
 
 def check_invariants(rt: Runtime, batch) -> None:

@@ -23,6 +23,11 @@ class Counters:
     host_seconds: float = 0.0       # scheduler time spent in the compaction step
     score_gpu_ms: float = 0.0       # scoring + selection kernels
     compact_gpu_ms: float = 0.0     # KV moves
+    warmup_seconds: float = 0.0     # kernel compilation at startup
+    first_step_seconds: float = 0.0  # scheduler time of the first compaction step
+    step_seconds_max: float = 0.0   # the longest compaction step after the first
+    workspace_bound_bytes: int = 0  # transient memory reserved for a compaction step (set at startup)
+    workspace_peak_bytes: int = 0   # the largest transient peak a step reached (GPU allocator statistics)
     _pending: list = dataclasses.field(default_factory=list, repr=False)
 
     @property
@@ -34,6 +39,17 @@ class Counters:
         self.tokens_before += before
         self.tokens_kept += kept
         self.tokens_freed += before - kept
+
+    def step_done(self, seconds: float) -> None:
+        self.launches += 1
+        self.host_seconds += seconds
+        if self.launches == 1:
+            self.first_step_seconds = seconds
+        else:
+            self.step_seconds_max = max(self.step_seconds_max, seconds)
+
+    def workspace_peak(self, peak: int) -> None:
+        self.workspace_peak_bytes = max(self.workspace_peak_bytes, peak)
 
     def gpu_span(self, kind: str, start, end) -> None:
         if start is not None:
@@ -64,7 +80,9 @@ class Counters:
         return (f"AMS compactions: {self.compactions} in {self.launches} steps, tokens freed: {self.tokens_freed}, "
                 f"kept ratio: {self.kept_ratio:.3f}, scoring {self.score_gpu_ms:.1f} ms, "
                 f"compacting {self.compact_gpu_ms:.1f} ms (GPU), host {self.host_seconds * 1e3:.1f} ms, "
-                f"ring waits: {self.ring_waits}, scoring with decode LSE: {self.decode_lse_launches}")
+                f"ring waits: {self.ring_waits}, scoring with decode LSE: {self.decode_lse_launches}, "
+                f"step peak {self.workspace_peak_bytes / 2**20:.0f} of {self.workspace_bound_bytes / 2**20:.0f} MiB, "
+                f"first step {self.first_step_seconds * 1e3:.0f} ms, longest later {self.step_seconds_max * 1e3:.0f} ms")
 
 
 class Timer:

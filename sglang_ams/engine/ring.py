@@ -110,18 +110,21 @@ class QueryRing:
             self.row_of[req_pool_idx] = 0
             self._free.append(row)
 
-    def window_queries(self, rows: torch.Tensor, newest_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Queries [N, L, Hq, W, d] oldest first, and their logical positions [N, W]."""
+    def window_queries(self, rows: torch.Tensor, newest_pos: torch.Tensor,
+                       layers: range | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries [N, L, Hq, W, d] of `layers` (default all) oldest first, and their logical positions [N, W]."""
         query_pos, slots = self._window_slots(newest_pos)
-        per_req = self.buf[:, rows]                                            # [L, N, W, Hq, d]
+        buf = self.buf if layers is None else self.buf[layers.start:layers.stop]
+        per_req = buf[:, rows]                                                 # [L, N, W, Hq, d]
         idx = slots[None, :, :, None, None].expand(per_req.shape[0], -1, -1, *per_req.shape[3:])
         ordered = torch.gather(per_req, 2, idx)
         return ordered.permute(1, 0, 3, 2, 4).contiguous(), query_pos
 
-    def window_lse(self, rows: torch.Tensor, newest_pos: torch.Tensor) -> torch.Tensor:
+    def window_lse(self, rows: torch.Tensor, newest_pos: torch.Tensor, layers: range | None = None) -> torch.Tensor:
         """The queries' LSE [N, L, Hq, W] (log2 units), in the order of window_queries."""
         _, slots = self._window_slots(newest_pos)
-        per_req = self.lse[:, rows]                                            # [L, N, W, Hq]
+        lse = self.lse if layers is None else self.lse[layers.start:layers.stop]
+        per_req = lse[:, rows]                                                 # [L, N, W, Hq]
         idx = slots[None, :, :, None].expand(per_req.shape[0], -1, -1, per_req.shape[3])
         return torch.gather(per_req, 2, idx).permute(1, 0, 3, 2).contiguous()
 

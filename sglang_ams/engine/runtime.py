@@ -66,6 +66,12 @@ class Runtime:
         self.tree_cache = None
         self.forward_stream = None
         self.overlap = False
+        self.workspace_bytes = 1 << 62      # until set_workspace: unbounded (tests that do not care)
+
+    def set_workspace(self, bound: int) -> None:
+        """The most transient GPU memory a compaction step may allocate (reserved from the KV budget)."""
+        self.workspace_bytes = bound
+        self.counters.workspace_bound_bytes = bound
 
     def attach_scheduler(self, scheduler) -> None:
         self.tree_cache = scheduler.tree_cache

@@ -26,12 +26,16 @@ class EngineSettings:
     debug_checks: bool = False      # assert bookkeeping invariants after every compaction (slow)
     scoring_lse: str = "decode"     # "decode": the decode attention's LSE of each window query (keys read once)
     batch_slack: float = 0.5        # fraction of the interval a request may compact early to join a due one
+    workspace_mib: int = 0          # transient GPU memory of a compaction step; 0 = automatic (workspace.py)
+    warmup: bool = True             # compile the compaction kernels at startup (warmup.py)
 
     def __post_init__(self):
         if self.prompt_cache not in PROMPT_CACHE_MODES:
             raise ConfigError("ams_prompt_cache", self.prompt_cache, "one of " + ", ".join(PROMPT_CACHE_MODES))
         if not isinstance(self.ring_rows, int) or isinstance(self.ring_rows, bool) or self.ring_rows < 0:
             raise ConfigError("ams_ring_rows", self.ring_rows, "an integer >= 0 (0 = automatic)")
+        if not isinstance(self.warmup, bool):
+            raise ConfigError("ams_warmup", self.warmup, "true or false")
         if not isinstance(self.debug_checks, bool):
             raise ConfigError("ams_debug_checks", self.debug_checks, "true or false")
         if self.scoring_lse not in SCORING_LSE_MODES:
@@ -39,6 +43,9 @@ class EngineSettings:
         if isinstance(self.batch_slack, bool) or not isinstance(self.batch_slack, (int, float)) \
                 or not 0.0 <= self.batch_slack < 1.0:
             raise ConfigError("ams_batch_slack", self.batch_slack, "a number in [0, 1)")
+        if not isinstance(self.workspace_mib, int) or isinstance(self.workspace_mib, bool) \
+                or not 0 <= self.workspace_mib <= 1 << 24:
+            raise ConfigError("ams_workspace_mib", self.workspace_mib, "an integer >= 0 (0 = automatic)")
 
     def slack_tokens(self, interval: int) -> int:
         """Tokens before its trigger at which a request joins another request's compaction (< interval)."""
@@ -59,7 +66,8 @@ class EngineSettings:
 
 
 ENGINE_NAMES = {"prompt_cache": "ams_prompt_cache", "ring_rows": "ams_ring_rows", "debug_checks": "ams_debug_checks",
-                "scoring_lse": "ams_scoring_lse", "batch_slack": "ams_batch_slack"}
+                "scoring_lse": "ams_scoring_lse", "batch_slack": "ams_batch_slack", "workspace_mib": "ams_workspace_mib",
+                "warmup": "ams_warmup"}
 ALL_NAMES = tuple(EXTERNAL_NAMES.values()) + tuple(ENGINE_NAMES.values())
 
 

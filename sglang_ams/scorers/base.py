@@ -46,6 +46,7 @@ class ScoreInputs:
     rope: RopeSpec | None = None
     scale: float | None = None      # attention scale; None means 1/sqrt(d)
     attn: WindowAttention | None = None   # precomputed (the Triton kernel in the engine); else computed here
+    layer_start: int = 0            # the model layer of keys[:, 0] (the engine may score a range of layers)
 
     @property
     def num_kv_heads(self) -> int:
@@ -79,9 +80,15 @@ class Scorer:
     name: ClassVar[str]
     needs_queries: ClassVar[bool] = False
     reads_kv: ClassVar[bool] = True     # False: only the shape/device of keys is used (the engine skips gathering)
+    fixed_bytes: ClassVar[int] = 0      # temporaries of score() that do not grow with the inputs (R-KV's tile)
 
     def __init__(self, cfg: PolicyConfig):
         self.cfg = cfg
+
+    def transient_bytes(self, group: int, window: int, head_dim: int) -> int:
+        """Most bytes score() holds at once per (request, layer, KV head, token), its output included; the
+        compaction step's memory bound is built from it (engine/workspace.py; measured in tests)."""
+        return 4 * group + 8
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError

@@ -25,6 +25,9 @@ class ExpectedAttentionScorer(Scorer):
     n_future = 512          # future positions the rotation is averaged over
     epsilon = 1e-2          # keeps a small floor so ‖v‖ still ranks tokens with negligible expected attention
 
+    def transient_bytes(self, group, window, head_dim):
+        return 9 * head_dim + 8 * group * window + 16 * group + 16     # fp32 keys, per-query projections
+
     def score(self, inputs: ScoreInputs):
         require(inputs, "queries", self.name, "window queries give the query statistics")
         require(inputs, "query_pos", self.name, "positions to un-rotate the queries and to place the future")

@@ -16,6 +16,9 @@ class KeyDiffScorer(Scorer):
     name = "keydiff"
     needs_queries = False
 
+    def transient_bytes(self, group, window, head_dim):
+        return 8 * head_dim + 16            # fp32 unit keys and their product with the anchor
+
     def score(self, inputs: ScoreInputs):
         unit = F.normalize(inputs.keys.float(), dim=-1)                              # [N, L, H, T, d]
         valid = token_mask(inputs)[..., None].float()                                # [N, 1, 1, T, 1]

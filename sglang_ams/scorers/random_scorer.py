@@ -13,6 +13,9 @@ class RandomScorer(Scorer):
     needs_queries = False
     reads_kv = False
 
+    def transient_bytes(self, group, window, head_dim):
+        return 16
+
     def __init__(self, cfg):
         super().__init__(cfg)
         self._generators: dict[torch.device, torch.Generator] = {}

@@ -28,6 +28,10 @@ class RKVScorer(Scorer):
     similarity_threshold = 0.5
     max_tile_bytes = 256 << 20
     _bytes_per_entry = 16          # similarity (4) + index (8) + masks, per S entry in a tile
+    fixed_bytes = 3 * max_tile_bytes // 2
+
+    def transient_bytes(self, group, window, head_dim):
+        return 4 * head_dim + 8 * group + 64                          # unit keys; pooled attention
 
     def score(self, inputs: ScoreInputs):
         attn = attention(inputs, self.name)

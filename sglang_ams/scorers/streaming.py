@@ -13,6 +13,9 @@ class StreamingScorer(Scorer):
     needs_queries = False
     reads_kv = False
 
+    def transient_bytes(self, group, window, head_dim):
+        return 8
+
     def score(self, inputs: ScoreInputs):
         t = torch.arange(inputs.keys.shape[3], device=inputs.keys.device, dtype=torch.float32)
         return finish(t.view(1, 1, 1, -1), inputs)

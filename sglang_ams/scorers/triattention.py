@@ -31,6 +31,9 @@ class TriAttentionScorer(Scorer):
     max_log2_offset = 16           # δ ∈ {2^0, …, 2^16}
     zscore_eps = 1e-6
 
+    def transient_bytes(self, group, window, head_dim):
+        return 13 * head_dim + 16 * group + 64                        # complex keys, per-query-head scores
+
     def __init__(self, cfg):
         super().__init__(cfg)
         self.needs_queries = not cfg.triattention_stats
@@ -47,12 +50,13 @@ class TriAttentionScorer(Scorer):
                              f"model's RoPE is {inputs.rope.style}-style")
         n, nl, h = inputs.keys.shape[:3]
         freqs = inputs.rope.inv_freq.numel()
-        if q_mean.shape[0] != nl or q_mean.shape[1] % h or q_mean.shape[2] != freqs:
+        if q_mean.shape[0] < inputs.layer_start + nl or q_mean.shape[1] % h or q_mean.shape[2] != freqs:
             raise ValueError(f"triattention stats {self.cfg.triattention_stats!r} have [layers, q heads, freqs] = "
                              f"{list(q_mean.shape)}; the model needs {nl} layers, a multiple of {h} q heads and "
                              f"{freqs} frequency pairs")
         device = inputs.keys.device
-        return q_mean.to(device)[None], q_abs.to(device)[None]                      # [1, L, Hq, F]
+        layers = slice(inputs.layer_start, inputs.layer_start + nl)
+        return q_mean[layers].to(device)[None], q_abs[layers].to(device)[None]      # [1, L, Hq, F]
 
     def _window_statistics(self, inputs: ScoreInputs):
         require(inputs, "queries", self.name, "no cfg.triattention_stats, so query statistics come from the window")

@@ -1,0 +1,115 @@
+"""The compaction step's transient GPU memory: what a chunk of it allocates, the bound reserved for it at
+startup, and how a group of due requests is cut into chunks that stay inside that bound.
+
+A chunk scores, selects and moves the KV of some requests over some layers at once; its temporaries ([requests,
+layers x KV heads, T] scores, evidence, sort keys, segment tables, gathered K/V for scorers that read them) grow
+with requests x layers x padded length. SGLang leaves only what --mem-fraction-static spares for activations, so
+the bound is taken out of the KV budget like the query ring, and no chunk may pass it: requests are packed
+longest first while they fit, and a request too long for the bound on its own is split by layers (each layer's
+selection and move is independent of the others). The plan is arithmetic on host lengths: no host sync.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from ..config import PolicyConfig
+
+SAFETY = 1.25                  # on top of the measured peaks (caching-allocator rounding, kernel temporaries)
+SORT_TEMP = 32                 # GPU sorts: double-buffered int64 keys and indices per (row, token)
+SELECT_BYTES = {"topk": 48, "streaming": 48, "ams": 160}    # selection's peak per (row, token), measured ~37 / 130
+WORKSPACE_FRACTION = 0.02      # automatic bound: this share of the KV budget, at least one context-length layer
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkCost:
+    """Bytes of one chunk: per (request, layer, KV head, token), per (request, layer, KV head), and fixed."""
+    per_row_token: int
+    per_row: int
+    fixed: int
+    num_kv_heads: int
+
+    def bytes(self, requests: int, layers: int, tokens: int) -> int:
+        rows = requests * layers * self.num_kv_heads
+        return int(SAFETY * (rows * (tokens * self.per_row_token + self.per_row) + self.fixed))
+
+
+def chunk_cost(cfg: PolicyConfig, scorer, *, num_kv_heads: int, group: int, head_dim: int, elem_size: int,
+               attention: bool, last_row: bool) -> ChunkCost:
+    """The cost model of one compaction chunk for requests of this config (their scorer `scorer`)."""
+    w = cfg.window
+    per_token = SELECT_BYTES[cfg.policy] + SORT_TEMP + scorer.transient_bytes(group, w, head_dim)
+    if attention:                                   # window attention: mean rows (and the last row) per query head
+        per_token += 4 * group * (2 if last_row else 1)
+    if cfg.policy == "ams" and cfg.use_mass:        # evidence: pooled copy of the mean rows, mean over the group
+        per_token += 4 * group + 4
+    if cfg.policy == "ams" and cfg.use_credit:      # carried credit laid out over the current tokens
+        per_token += 4
+    if getattr(scorer, "reads_kv", True):           # keys and values gathered from the pool
+        per_token += 2 * head_dim * elem_size
+    per_row = group * w * (2 * head_dim * elem_size + 8) + 64     # window queries, their LSE, kernel partials
+    return ChunkCost(per_row_token=per_token, per_row=per_row, fixed=getattr(scorer, "fixed_bytes", 0),
+                     num_kv_heads=num_kv_heads)
+
+
+def auto_bound(smallest_chunk: int, kv_bytes: int) -> int:
+    """The bound when the operator sets none: WORKSPACE_FRACTION of the KV budget, and never less than the
+    smallest chunk the planner may have to run (one layer of one request at the context length)."""
+    return max(smallest_chunk, int(WORKSPACE_FRACTION * kv_bytes))
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    members: tuple[int, ...]     # indices into the group
+    layers: range                # layers of the pool this chunk compacts
+    tokens: int                  # padded length (longest member)
+
+
+def plan_chunks(lengths: list[int], num_layers: int, cost: ChunkCost, bound: int) -> list[Chunk]:
+    """Cut a group (request lengths) into chunks of at most `bound` bytes: longest first, as many requests as
+    fit all layers; a request that does not fit alone gets the most layers that do (at least one)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    chunks: list[Chunk] = []
+    members: list[int] = []
+    for i in order:
+        if members and cost.bytes(len(members) + 1, num_layers, lengths[members[0]]) <= bound:
+            members.append(i)
+            continue
+        if members:
+            chunks.append(Chunk(tuple(members), range(num_layers), lengths[members[0]]))
+            members = []
+        if cost.bytes(1, num_layers, lengths[i]) <= bound:
+            members = [i]
+            continue
+        per = max(1, max((k for k in range(1, num_layers + 1) if cost.bytes(1, k, lengths[i]) <= bound), default=1))
+        chunks.extend(Chunk((i,), range(l0, min(l0 + per, num_layers)), lengths[i])
+                      for l0 in range(0, num_layers, per))
+    if members:
+        chunks.append(Chunk(tuple(members), range(num_layers), lengths[members[0]]))
+    return chunks
+
+
+def reachable_configs(server: PolicyConfig) -> list[PolicyConfig]:
+    """The configs a request may run under: the server's, and what a per-request override can select
+    (policy and scorer; a query-reading one only where the server collects queries)."""
+    from ..config import SCORERS
+    configs = [server]
+    for policy in ("topk", "ams", "streaming"):
+        for scorer in SCORERS:
+            cfg = server.replace(policy=policy, scorer=scorer)
+            if not cfg.needs_queries or server.needs_queries:
+                configs.append(cfg)
+    return configs
+
+
+def smallest_chunk(server: PolicyConfig, *, num_kv_heads: int, group: int, head_dim: int, elem_size: int,
+                   context_len: int) -> int:
+    """The largest of the chunks the planner may be forced to run: one layer of one request at the context
+    length, under the costliest config a request can pick."""
+    from ..compaction import scorer_for
+    from .compactor import needs_attention
+    worst = 0
+    for cfg in reachable_configs(server):
+        cost = chunk_cost(cfg, scorer_for(cfg), num_kv_heads=num_kv_heads, group=group, head_dim=head_dim,
+                          elem_size=elem_size, attention=needs_attention(cfg), last_row=cfg.scorer == "tova")
+        worst = max(worst, cost.bytes(1, 1, context_len))
+    return worst
