@@ -22,7 +22,7 @@ from sglang_ams.engine.settings import from_environment
 
 logger = logging.getLogger("sglang_ams")
 RADIX = "sglang.srt.mem_cache.radix_cache.RadixCache"
-WORKSPACE_ATTR = "_ams_workspace_bytes"
+_RESERVED: dict = {}        # what the profiling hook reserved (KVCacheConfigurator has __slots__)
 
 
 def _policy_state(req):
@@ -100,16 +100,23 @@ def profile_available_bytes_hook(orig, self, *args, **kwargs):
     p = settings.policy
     dims = _kv_dims(self.model_config, self.kv_cache_dtype)
     bound = workspace_bound(settings, dims, self.model_config.context_len, available)
-    setattr(self, WORKSPACE_ATTR, bound)       # alloc_memory_pool_hook hands it to the runtime
-    fraction = 0.0
+    _RESERVED["workspace"] = bound     # alloc_memory_pool_hook (same process, next) hands it to the runtime
+    ring = 0.0
     if p.needs_queries:
         interval = p.interval - settings.slack_tokens(p.interval)     # rows are lent from trigger - slack - window
-        fraction = ams_ring.kv_fraction(p.window, dims["group"], p.budget, interval, head_dim=dims["head_dim"])
-    kept = int((available - bound) / (1.0 + fraction))
-    logger.info("sglang-ams: reserving %.1f MiB of the KV budget: query ring %.1f MiB (%.2f%%), compaction "
-                "workspace %.1f MiB", (available - kept) / 2**20, (available - bound - kept) / 2**20,
-                100.0 * fraction, bound / 2**20)
+        ring = ams_ring.kv_fraction(p.window, dims["group"], p.budget, interval, head_dim=dims["head_dim"])
+    credit = credit_fraction(dims) if p.use_credit else 0.0
+    kept = int((available - bound) / (1.0 + ring + credit))
+    logger.info("sglang-ams: reserving %.1f MiB of the KV budget: query ring %.2f%%, AMS credit %.2f%% of the "
+                "pool, compaction workspace %.1f MiB", (available - kept) / 2**20, 100.0 * ring, 100.0 * credit,
+                bound / 2**20)
     return kept
+
+
+def credit_fraction(dims: dict) -> float:
+    """AMS keeps an fp32 credit per kept token, layer and KV head (any request may ask for AMS): per pool token
+    4 bytes against its K and V, 2 * head_dim * elem_size bytes, layers and heads alike."""
+    return 4.0 / (2.0 * dims["head_dim"] * dims["elem_size"])
 
 
 def alloc_memory_pool_hook(result, self, *args, **kwargs):
@@ -127,7 +134,7 @@ def alloc_memory_pool_hook(result, self, *args, **kwargs):
     rows = ams_runtime.ring_rows_for(settings, self.max_total_num_tokens)
     rt = ams_runtime.Runtime(settings, shape, self.token_to_kv_pool, self.req_to_token_pool,
                              self.token_to_kv_pool_allocator, rope, rows)
-    bound = getattr(getattr(self, "kv_cache_configurator", None), WORKSPACE_ATTR, None)
+    bound = _RESERVED.pop("workspace", None)
     if bound is None:       # the profiling hook did not run (a fixed --max-total-tokens path): same rule, pool bytes
         dims = dict(num_kv_heads=shape.num_kv_heads, group=shape.group_size, head_dim=shape.head_dim,
                     elem_size=torch.empty((), dtype=shape.dtype).element_size())

@@ -71,3 +71,9 @@ def test_operator_bound_below_the_smallest_chunk_is_refused():
         workspace_bound(settings, LLAMA_8B, 32768, 100 << 30)
     assert workspace_bound(settings.__class__(policy=settings.policy, workspace_mib=4096), LLAMA_8B, 32768,
                            100 << 30) == 4096 << 20
+
+
+def test_credit_is_reserved_as_a_share_of_the_pool():
+    from sglang_ams.patches.mem_cache import credit_fraction
+    # fp32 credit per kept (token, layer, KV head) against bf16 K and V of head_dim 128: 4 / 512 of the pool
+    assert credit_fraction(LLAMA_8B) == 4 / 512

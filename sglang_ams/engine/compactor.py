@@ -170,11 +170,12 @@ class Compactor:
         groups: dict = {}
         for d in due:
             groups.setdefault(group_key(d.state.cfg), []).append(d)
-        peak = workspace_peak_start(rt.device)
         for items in groups.values():
             for chunk in self.chunks(items):
+                # Per chunk: what earlier chunks committed (credit) is state, not this chunk's workspace.
+                peak = workspace_peak_start(rt.device)
                 self._compact_group([items[i] for i in chunk.members], chunk.layers)
-        rt.counters.workspace_peak(workspace_peak_end(rt.device, peak))
+                rt.counters.workspace_peak(workspace_peak_end(rt.device, peak))
         self._shrink_batch(batch, due)
         rt.counters.step_done(now() - start)
         if rt.settings.debug_checks:
@@ -235,7 +236,7 @@ class Compactor:
         keys, values = self._dense_kv(scorer, k_ptrs, v_ptrs, rows, lengths, n, nl, t_max)
         inputs = ScoreInputs(keys=keys, values=values, lengths=lengths.long(), queries=queries,
                              query_pos=query_pos, rope=rt.rope, scale=shape.scale, attn=attn,
-                             layer_start=layers.start)
+                             layer_start=layers.start, model_layers=shape.num_layers)
         credit = self._credit(items, t_max, layers) if cfg.policy == "ams" and cfg.use_credit else None
         sel = plan(cfg, scorer, inputs, n_pinned, n_keep, credit, k_max=k_max)
         del keys, values, inputs, attn, credit          # (their memory is free for the move)

@@ -47,6 +47,7 @@ class ScoreInputs:
     scale: float | None = None      # attention scale; None means 1/sqrt(d)
     attn: WindowAttention | None = None   # precomputed (the Triton kernel in the engine); else computed here
     layer_start: int = 0            # the model layer of keys[:, 0] (the engine may score a range of layers)
+    model_layers: int | None = None  # layers of the whole model when keys hold a range of them
 
     @property
     def num_kv_heads(self) -> int:

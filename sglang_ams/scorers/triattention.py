@@ -50,9 +50,10 @@ class TriAttentionScorer(Scorer):
                              f"model's RoPE is {inputs.rope.style}-style")
         n, nl, h = inputs.keys.shape[:3]
         freqs = inputs.rope.inv_freq.numel()
-        if q_mean.shape[0] < inputs.layer_start + nl or q_mean.shape[1] % h or q_mean.shape[2] != freqs:
+        model_layers = inputs.model_layers or nl
+        if q_mean.shape[0] != model_layers or q_mean.shape[1] % h or q_mean.shape[2] != freqs:
             raise ValueError(f"triattention stats {self.cfg.triattention_stats!r} have [layers, q heads, freqs] = "
-                             f"{list(q_mean.shape)}; the model needs {nl} layers, a multiple of {h} q heads and "
+                             f"{list(q_mean.shape)}; the model needs {model_layers} layers, a multiple of {h} q heads and "
                              f"{freqs} frequency pairs")
         device = inputs.keys.device
         layers = slice(inputs.layer_start, inputs.layer_start + nl)

@@ -30,6 +30,9 @@ CONFIGS = {
     "topk": ["--kv-policy", "topk"],
     "ams-prefill-window": ["--kv-policy", "ams", "--ams-prefill-window", "true"],
     "ams-p16-cached": ["--kv-policy", "ams", "--page-size", "16", "--ams-prompt-cache", "cached"],
+    # cached prompts are pinned whole: a budget below the 768-1024 outputs makes them compact too
+    "ams-p16-cached-b256": ["--kv-policy", "ams", "--page-size", "16", "--ams-prompt-cache", "cached",
+                            "--kv-budget", "256", "--kv-interval", "128"],
     "ams-nowarmup": ["--kv-policy", "ams", "--ams-warmup", "false"],
     "soak": ["--kv-policy", "ams", "--ams-debug-checks", "true"],
 }
