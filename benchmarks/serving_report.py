@@ -19,9 +19,9 @@ COUNTERS = {"compactions": "compactions", "launches": "compaction_steps", "token
             "score_gpu_ms": "score_gpu_ms", "compact_gpu_ms": "compact_gpu_ms", "host_seconds": "host_seconds"}
 PROM_COUNTERS = {"compactions": "sglang_ams:compactions_total", "launches": "sglang_ams:compaction_steps_total",
                  "tokens_freed": "sglang_ams:tokens_freed_total", "host_seconds": "sglang_ams:host_seconds_total"}
-# "Decode batch, #running-req: 24, ..." (every --decode-log-interval decode steps) and the prefill line's
-# "#running-req: N"; scheduler warnings write "#running-req=N"
-_RUNNING = re.compile(r"#running-req[:=]\s*(\d+)")
+# "Decode batch, #running-req: 24, ..." (every --decode-log-interval = 40 decode steps) and the prefill line's
+# "#running-req: N" (the running batch the new prompts join)
+_RUNNING = re.compile(r"#running-req:\s*(\d+)")
 REFERENCE = "production"
 
 
