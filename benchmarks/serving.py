@@ -310,6 +310,10 @@ def execute(args, r: dict, env: dict, tag: str) -> dict:
         server.stop()
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
@@ -348,7 +352,8 @@ SUMMARY_COLUMNS = ("workload", "config", "repeats", "output_throughput", "throug
 def finish(out: Path, entries: list[dict], meta: dict) -> None:
     path = rep.write_summary(out, entries, meta)
     print(f"\nwrote {path}, {out / 'summary.md'}, {out / 'summary.png'}")
-    print(results_io.table(rep.aggregate(entries), list(SUMMARY_COLUMNS)), flush=True)
+    rows = rep.aggregate(entries)
+    print(results_io.table(rows, list(SUMMARY_COLUMNS)) if rows else "no finished runs", flush=True)
 
 
 def merge_main(args, command: str) -> int:
@@ -395,16 +400,24 @@ def main(argv=None) -> int:
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "workloads": {n: dataclasses.asdict(WORKLOADS[n].scaled(args.scale)) for n in args.workloads}}
     env = client_env(args.client_python)
-    for i, r in enumerate(runs, 1):
-        entry = execute(args, r, env, f"[{i}/{len(runs)}] {r['run']}")
-        print(f"[{i}/{len(runs)}] {r['run']}: {entry.get('completed')}/{r['num_prompts']} completed, "
-              f"{entry.get('output_throughput') or 0:.0f} output tok/s, P99 ITL {entry.get('p99_itl_ms')}, "
-              f"peak running {entry.get('peak_running')}, compactions {entry.get('compactions')}"
-              + (f", error: {entry['error']}" if entry.get("error") else "") + "\n", flush=True)
-        entries = rep.merge(entries, [entry])
-        rep.write_summary(args.out, entries, meta)          # after every run: a cut-off visit keeps what ran
+    previous = signal.signal(signal.SIGTERM, _interrupt)   # `timeout` stops us: the finally blocks stop the server
+    code = 0
+    try:
+        for i, r in enumerate(runs, 1):
+            entry = execute(args, r, env, f"[{i}/{len(runs)}] {r['run']}")
+            print(f"[{i}/{len(runs)}] {r['run']}: {entry.get('completed')}/{r['num_prompts']} completed, "
+                  f"{entry.get('output_throughput') or 0:.0f} output tok/s, P99 ITL {entry.get('p99_itl_ms')}, "
+                  f"peak running {entry.get('peak_running')}, compactions {entry.get('compactions')}"
+                  + (f", error: {entry['error']}" if entry.get("error") else "") + "\n", flush=True)
+            entries = rep.merge(entries, [entry])
+            rep.write_summary(args.out, entries, meta)      # after every run: a cut-off visit keeps what ran
+    except KeyboardInterrupt as why:
+        print(f"stopped ({why or 'interrupt'}); the summary has the runs that finished", flush=True)
+        code = 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     finish(args.out, entries, meta)
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -217,7 +217,8 @@ def plot(entries: list[dict], path) -> Path | None:
         ax.set_xticks(range(len(workloads)), workloads)
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    if configs:
+        axes[0].legend(fontsize=8)
     axes[0].set_title("sglang.bench_serving: bars = mean over repeats, dots = repeats")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

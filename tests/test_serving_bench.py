@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -172,6 +173,8 @@ def test_write_summary(tmp_path):
     if importlib.util.find_spec("matplotlib"):
         png = (tmp_path / "summary.png").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    empty = rep.write_summary(tmp_path / "empty", [], meta)      # a visit cut off before its first run
+    assert json.loads(empty.read_text())["entries"] == [] and (tmp_path / "empty" / "summary.md").exists()
 
 
 def test_merge_folders(tmp_path, capsys):
@@ -330,7 +333,9 @@ p.add_argument("--num-prompts", type=int); p.add_argument("--random-output-len",
 p.add_argument("--random-input-len", type=int, default=16)
 p.add_argument("--gsp-output-len", type=int, default=16); p.add_argument("--output-file")
 p.add_argument("--dataset-name"); p.add_argument("--fail", action="store_true")
+p.add_argument("--sleep", type=float, default=0)
 a, _ = p.parse_known_args()
+time.sleep(a.sleep)
 if a.fail:
     sys.exit("Warmup failed - Please make sure benchmark arguments are correctly specified")
 n_out = a.random_output_len if a.dataset_name == "random-ids" else a.gsp_output_len
@@ -396,6 +401,30 @@ def test_driver_against_the_stand_in_server(stand_ins, tmp_path, capsys):
     failed = data["entries"][-1]
     assert failed["completed"] is None and "Warmup failed" in failed["error"] and failed["bench_rc"] == 1
     assert len(data["commands"]) == 2
+
+
+def test_driver_stops_its_server_on_sigterm(stand_ins, tmp_path):
+    """`timeout` around a visit sends SIGTERM: the server must not outlive the driver (it would hold the GPU)."""
+    fake_python, client_python = stand_ins
+    port = free_port()
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(BENCH / "serving.py"), "--model-path", "fake", "--python", fake_python,
+                             "--client-python", client_python, "--workloads", "short_chat", "--configs", "ams",
+                             "--repeats", "1", "--scale", "0.05", "--port", str(port), "--out", str(out),
+                             "--bench-args=--sleep 120"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:
+            if "server up" in line:
+                break
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=60)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "stopped" in rest and "stopping server" in rest
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0          # nothing listens there any more
+    assert json.loads((out / "summary.json").read_text())["entries"] == []
 
 
 def test_driver_survives_a_server_that_does_not_start(tmp_path, capsys):
