@@ -9,6 +9,7 @@
 # words, context 32768), run, savejit. Settings (environment):
 #   WORKLOADS  long_reasoning,heavy_pressure,short_chat,long_prompts,shared_prefix (default: short_chat)
 #   CONFIGS    production,ams,topk,full (default production,ams)    REPEATS (2)   FIRST_REPEAT (1)   SCALE (1)
+#   COUNT_SCALE  factor on request counts only (1; 3 makes short_chat and shared_prefix run about a minute)
 #   SERVER_ARGS  flags for every server (default: dummy weights, flashinfer on both sides as in the issue)
 #   POLICY_ARGS  flags for ams/topk servers     LIMIT_S  seconds for the driver (570; it stops its server then)
 #   PORT (30000; tests/gpu/on-gpus.sh gives each job its own)   SV  the results folder ($TMP/serving-$PORT)
@@ -40,7 +41,8 @@ for phase in "$@"; do
     mkdir -p "$SV"
     timeout -k 20 "${LIMIT_S:-570}" python3 benchmarks/serving.py --model-path "$MODEL" --python python3 \
       --client-python python3 --workloads "${WORKLOADS:-short_chat}" --configs "${CONFIGS:-production,ams}" \
-      --repeats "${REPEATS:-2}" --first-repeat "${FIRST_REPEAT:-1}" --scale "${SCALE:-1}" --port "$PORT" \
+      --repeats "${REPEATS:-2}" --first-repeat "${FIRST_REPEAT:-1}" --scale "${SCALE:-1}" \
+      --count-scale "${COUNT_SCALE:-1}" --port "$PORT" \
       --server-args="${SERVER_ARGS:---load-format dummy --attention-backend flashinfer}" \
       --policy-args="${POLICY_ARGS:-}" --run-timeout "${RUN_TIMEOUT:-480}" --startup-timeout 400 --out "$SV" \
       > "$OUT/serving.log" 2>&1

@@ -58,14 +58,17 @@ class Workload:
     concurrency: int | None = None  # --max-concurrency (None: every request at once)
     policy_args: str = ""           # flags for ams/topk on this workload (before --policy-args)
 
-    def scaled(self, scale: float) -> "Workload":
-        if scale == 1:
+    def scaled(self, scale: float, count_scale: float = 1.0) -> "Workload":
+        """Lengths x scale; request counts (and the concurrency cap) x scale x count_scale."""
+        if scale == 1 and count_scale == 1:
             return self
-        n = lambda v, lo=1: max(lo, round(v * scale)) if v else v
-        return dataclasses.replace(self, prompts=n(self.prompts), input_len=n(self.input_len, 8),
-                                   output_len=n(self.output_len, 8), groups=n(self.groups),
-                                   system_len=n(self.system_len, 8), question_len=n(self.question_len, 8),
-                                   concurrency=n(self.concurrency) if self.concurrency else None)
+        n = lambda v, f, lo=1: max(lo, round(v * f)) if v else v
+        c = scale * count_scale
+        return dataclasses.replace(self, prompts=n(self.prompts, c), input_len=n(self.input_len, scale, 8),
+                                   output_len=n(self.output_len, scale, 8), groups=n(self.groups, c),
+                                   system_len=n(self.system_len, scale, 8),
+                                   question_len=n(self.question_len, scale, 8),
+                                   concurrency=n(self.concurrency, scale) if self.concurrency else None)
 
     @property
     def requests(self) -> int:
@@ -129,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--first-repeat", type=int, default=1, help="number of the first repeat (to add repeats later)")
     p.add_argument("--scale", type=float, default=1.0,
                    help="factor on request counts and lengths (quick runs: 0.1)")
+    p.add_argument("--count-scale", type=float, default=1.0,
+                   help="extra factor on request counts only, to make short workloads run >= 60 s (e.g. 3)")
     p.add_argument("--seed", type=int, default=1, help="bench_serving --seed (the same requests for every config)")
     p.add_argument("--server-args", default="", help="flags for every server, one string")
     p.add_argument("--policy-args", default="", help="flags for ams and topk servers, one string")
@@ -154,8 +159,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--model-path is required (unless --merge)")
     if args.merge is not None and args.out is None:
         parser.error("--merge needs --out")
-    if args.repeats < 1 or args.scale <= 0:
-        parser.error("--repeats must be >= 1 and --scale > 0")
+    if args.repeats < 1 or args.scale <= 0 or args.count_scale <= 0:
+        parser.error("--repeats must be >= 1, --scale and --count-scale > 0")
     args.tokenizer = args.tokenizer or args.model_path
     return args
 
@@ -174,7 +179,7 @@ def config_flags(config: str, workload: Workload, args) -> tuple[list[str], dict
 def plan(args) -> list[dict]:
     runs = []
     for name in args.workloads:
-        wl = WORKLOADS[name].scaled(args.scale)
+        wl = WORKLOADS[name].scaled(args.scale, args.count_scale)
         for repeat in range(args.first_repeat, args.first_repeat + args.repeats):
             for config in args.configs:           # configs interleaved within a repeat: drift hits all alike
                 run = f"{name}_{config}_r{repeat}"
@@ -398,7 +403,8 @@ def main(argv=None) -> int:
     meta = {**results_io.metadata(), "device": dev, "command": command,
             "commands": old.get("commands", []) + [command],
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "workloads": {n: dataclasses.asdict(WORKLOADS[n].scaled(args.scale)) for n in args.workloads}}
+            "workloads": {n: dataclasses.asdict(WORKLOADS[n].scaled(args.scale, args.count_scale))
+                          for n in args.workloads}}
     env = client_env(args.client_python)
     previous = signal.signal(signal.SIGTERM, _interrupt)   # `timeout` stops us: the finally blocks stop the server
     code = 0

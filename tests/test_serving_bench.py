@@ -239,6 +239,10 @@ def test_workload_shapes_and_scale():
     assert (s.groups, s.per_group, s.system_len, s.question_len, s.output_len, s.concurrency) == (1, 16, 102, 8, 51, 6)
     assert s.requests == 16 and s.max_tokens == 161 and w["long_prompts"].max_tokens == 17408
     assert w["short_chat"].scaled(1) is w["short_chat"]
+    longer = w["shared_prefix"].scaled(1, 3)        # more requests of the same shape, the same concurrency
+    assert (longer.groups, longer.per_group, longer.system_len, longer.output_len, longer.concurrency) == \
+        (36, 16, 2048, 1024, 128)
+    assert w["short_chat"].scaled(1, 3).prompts == 1536 and w["short_chat"].scaled(1, 3).output_len == 256
     with pytest.raises(SystemExit):
         serving.parse_args(["--model-path", "/m", "--configs", "production,vllm"])
     with pytest.raises(SystemExit):
