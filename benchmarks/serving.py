@@ -283,6 +283,7 @@ def execute(args, r: dict, env: dict, tag: str) -> dict:
             while bench.poll() is None:
                 if time.monotonic() - t1 > args.run_timeout:
                     entry["error"] = f"bench_serving ran past --run-timeout {args.run_timeout:g} s"
+                    _kill_group(bench)
                     break
                 try:
                     bench.wait(timeout=min(30.0, max(1.0, args.run_timeout / 20)))

@@ -405,6 +405,13 @@ def test_driver_against_the_stand_in_server(stand_ins, tmp_path, capsys):
     failed = data["entries"][-1]
     assert failed["completed"] is None and "Warmup failed" in failed["error"] and failed["bench_rc"] == 1
     assert len(data["commands"]) == 2
+    # a client past --run-timeout is stopped, and its run is an entry with that error
+    argv3 = [a for a in argv] + ["--first-repeat", "3", "--configs", "ams", "--bench-args=--sleep 60",
+                                 "--run-timeout", "2"]
+    assert serving.main(argv3) == 0
+    late = json.loads((out / "summary.json").read_text())["entries"][-1]
+    assert late["repeat"] == 3 and "--run-timeout 2 s" in late["error"] and late["wall_s"] < 30
+    assert late["bench_rc"] is not None and late["completed"] is None
 
 
 def test_driver_stops_its_server_on_sigterm(stand_ins, tmp_path):
