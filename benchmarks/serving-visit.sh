@@ -13,6 +13,9 @@
 #   SERVER_ARGS  flags for every server (default: dummy weights, flashinfer on both sides as in the issue)
 #   POLICY_ARGS  flags for ams/topk servers     LIMIT_S  seconds for the driver (570; it stops its server then)
 #   PORT (30000; tests/gpu/on-gpus.sh gives each job its own)   SV  the results folder ($TMP/serving-$PORT)
+# Several GPUs: `setup` once, then tests/gpu/on-gpus.sh 590 "0=CONFIGS=production bash benchmarks/serving-visit.sh run"
+# "1=CONFIGS=ams bash benchmarks/serving-visit.sh run" ... (each job gets its PORT, so its own $SV, and its $OUT);
+# combine the summaries on the CPU side: python benchmarks/serving.py --merge DIR... --out benchmarks/results/serving-...
 # The server needs its tokenizer (no --skip-tokenizer-init): bench_serving counts streamed text.
 # $OUT gets summary.json, summary.md, summary.png and runs.tgz (server and client logs); the table is printed last.
 set -uo pipefail
