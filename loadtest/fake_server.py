@@ -3,9 +3,10 @@
     python loadtest/fake_server.py -m sglang.launch_server --model-path X --port 30000 --kv-policy ams ...
 
 It answers /health, /metrics (sglang:num_running_reqs, num_queue_reqs, token_usage; the sglang_ams: counters when
---kv-policy is topk/ams/streaming), /generate, /v1/completions and /v1/chat/completions (streamed or not), emitting
+--kv-policy is topk/ams/streaming), /server_info (the same counters under internal_states[0]["sglang_ams"]), /generate, /v1/completions and /v1/chat/completions (streamed or not), emitting
 `max_tokens` fake tokens at --token-ms each. Memory pressure is imitated: a request holds prompt + output tokens of
 a --max-total-tokens pool (budget + interval under a policy), and waits in the queue while the pool is full.
+With --decode-log-s S it prints SGLang's "Decode batch, #running-req: N, ..." line every S seconds while busy.
 compare.py drives it through a `--python` wrapper that runs this file instead of the interpreter.
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ def parse(argv=None):
     p.add_argument("--startup-s", type=float, default=0.5)
     p.add_argument("--context-length", type=int, default=1 << 20)
     p.add_argument("--incremental-streaming-output", action="store_true")
+    p.add_argument("--decode-log-s", type=float, default=0.0)
     args, _ = p.parse_known_args(argv)
     if not args.max_total_tokens:
         args.max_total_tokens = int(200000 * (args.mem_fraction_static or 0.5))
@@ -82,6 +84,21 @@ class State:
                       f"sglang_ams:kept_ratio{labels} 0.5"]
         return "\n".join(lines) + "\n"
 
+    def server_info(self) -> dict:
+        state = {}
+        if self.args.kv_policy in ("topk", "ams", "streaming"):
+            state["sglang_ams"] = {"compactions": self.compactions, "launches": self.compactions,
+                                   "tokens_freed": self.freed, "policy": self.args.kv_policy}
+        return {"internal_states": [state], "version": "fake"}
+
+    def decode_log(self) -> None:
+        while True:
+            time.sleep(self.args.decode_log_s)
+            if self.running:
+                print(f"[fake] Decode batch, #running-req: {self.running}, #token: {self.used}, "
+                      f"token usage: {self.used / self.args.max_total_tokens:.2f}, #queue-req: {self.queued}, ",
+                      flush=True)
+
 
 def make_handler(state: State):
     class Handler(BaseHTTPRequestHandler):
@@ -104,6 +121,8 @@ def make_handler(state: State):
                 return self.send(200, b"")
             if self.path == "/metrics":
                 return self.send(200, state.metrics().encode(), "text/plain")
+            if self.path in ("/server_info", "/get_server_info"):
+                return self.send(200, json.dumps(state.server_info()).encode())
             self.send(404, b"{}")
 
         def do_POST(self):
@@ -171,7 +190,10 @@ def make_handler(state: State):
 def main(argv=None):
     args = parse(argv)
     ThreadingHTTPServer.request_queue_size = 256       # many users connect at once
-    server = ThreadingHTTPServer((args.host, args.port), make_handler(State(args)))
+    state = State(args)
+    server = ThreadingHTTPServer((args.host, args.port), make_handler(state))
+    if args.decode_log_s > 0:
+        threading.Thread(target=state.decode_log, daemon=True).start()
     server.daemon_threads = True
     server.serve_forever()
 
