@@ -230,3 +230,49 @@ def release_without_insert(args: tuple, kwargs: dict) -> tuple:
     args, kwargs = tuple(args[:2]), dict(kwargs)
     kwargs[name] = False
     return args, kwargs
+
+
+def match_prefix(tree_cache, tokens) -> tuple:
+    """(device indices, last node) of the longest cached prefix of `tokens`."""
+    from array import array
+    from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+    match = tree_cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens))))
+    if hasattr(match, "device_indices"):
+        return match.device_indices, match.last_device_node
+    indices = tree_cache.path_device_indices(match.last_device_node)[: match.device_prefix_len]
+    return indices, match.last_device_node
+
+
+def insert_prefix(tree_cache, tokens, slots) -> None:
+    from array import array
+    from sglang.srt.mem_cache.base_prefix_cache import InsertParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+    tree_cache.insert(InsertParams(key=RadixKey(array("q", tokens)), value=slots))
+
+
+def lock_prefix(tree_cache, req, tokens) -> object:
+    """Match `tokens`, lock the match for `req` (as admission does) and adopt it as the request's prefix;
+    returns the matched device indices."""
+    indices, node = match_prefix(tree_cache, tokens)
+    if features().checkpoint:
+        req.lock = tree_cache.lock(node)
+    else:
+        tree_cache.inc_lock_ref(node)
+    set_matched_prefix(req, indices, node)
+    return indices
+
+
+def server_args_fields(server_args_cls) -> list:
+    """The configuration field names of a dataclass or msgspec ServerArgs."""
+    if hasattr(server_args_cls, "__struct_fields__"):
+        return list(server_args_cls.__struct_fields__)
+    return [f.name for f in dataclasses.fields(server_args_cls)]
+
+
+def free_page_ids(allocator):
+    """Every page (page size 1: slot) the allocator holds free, duplicates kept (tests look for double frees)."""
+    import torch
+    if hasattr(allocator, "get_all_free_pages"):       # newer SGLang stages paged frees in a list
+        return allocator.get_all_free_pages()
+    return torch.cat([allocator.free_pages, allocator.release_pages])
