@@ -590,7 +590,7 @@ def test_mixed_overrides_compact_in_one_step(recorded):
     reqs = [add_request(env, rid, list(range(2000 + 100 * i, 2046 + 100 * i)), override=o)
             for i, (rid, o) in enumerate(overrides.items())]
     batch = make_batch(env, reqs)
-    off_row = env.r2t[reqs[-1].req_pool_idx].clone()
+    off_row = env.r2t[compat.pool_idx(reqs[-1])].clone()
     seen = {}
     for _ in range(12):
         for g in step(env, batch):
@@ -903,7 +903,7 @@ def test_admission_hooks():
         adder = PrefillAdder(1, env.tree, env.allocator, batch, 1.0, 10_000, None)
     finally:
         PrefillAdder._get_running_request_total_token_offset = real
-    assert adder.rem_total_token_offset == (56 - 40) + (88 - 64) + 4096     # policy off: upstream's count
+    assert compat.reserved_for_running(adder) == (56 - 40) + (88 - 64) + 4096     # policy off: upstream's count
 
     seen = []
     waiting = add_request(env, "waiting", list(range(4000, 4030)))

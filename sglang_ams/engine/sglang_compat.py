@@ -276,3 +276,19 @@ def free_page_ids(allocator):
     if hasattr(allocator, "get_all_free_pages"):       # newer SGLang stages paged frees in a list
         return allocator.get_all_free_pages()
     return torch.cat([allocator.free_pages, allocator.release_pages])
+
+
+def reserved_for_running(adder) -> float:
+    """Tokens a PrefillAdder holds back for the running requests' future decode tokens."""
+    budget = getattr(adder, "memory_budget", None)       # newer SGLang keeps admission arithmetic there
+    return budget.total_offset if budget is not None else adder.rem_total_token_offset
+
+
+def set_extend(req, start: int, end: int) -> None:
+    """The extend a prefill round runs for the request: row positions [start, end)."""
+    if features().prefix_len:
+        req.prefix_len, req.extend_end = start, end
+    else:
+        req.set_extend_range(start, end)
+    # The tree keys on the fill ids, which lag output_ids until refreshed (a private method in 0.5.17).
+    (getattr(req, "refresh_fill_ids", None) or req._refresh_fill_ids)()
