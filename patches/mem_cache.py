@@ -71,8 +71,8 @@ def release_kv_cache_before(req, *args, **kwargs):
     # release_kv_cache clears req.req_pool_idx; remember it for the AFTER hook.
     req._ams_pool_idx = compat.pool_idx(req)
     st = request_state.existing_state(req)
-    if compat.features().checkpoint and st is not None and st.compacted and compat.release_inserts((req,) + args,
-                                                                                                  kwargs):
+    if not compat.features().finished_req and st is not None and st.compacted \
+            and compat.release_inserts((req,) + args, kwargs):
         return compat.release_without_insert((req,) + args, kwargs)     # (no cache_finished_req to hook there)
     return None
 

@@ -769,7 +769,7 @@ def wired_release(monkeypatch):
         monkeypatch.setattr(RadixCache, "cache_finished_req", cache_finished_req)
 
     def release(req, tree, insert=True):
-        args, kwargs = (req, tree), {"checkpoint" if f.checkpoint else "is_insert": insert}
+        args, kwargs = (req, tree), {f.release_flag: insert}
         changed = mem_hooks.release_kv_cache_before(*args, **kwargs)
         if changed is not None:
             args, kwargs = changed

@@ -75,10 +75,10 @@ def _fake_sglang(new: bool):
 def test_detect_old_and_new_layouts():
     old = compat.detect(*_fake_sglang(new=False))
     assert old == compat.Features(kv_record=False, prefix_len=False, checkpoint=False, unfinished_req=True,
-                                  finished_req=True, struct_server_args=False)
+                                  finished_req=True, struct_server_args=False, release_flag="is_insert")
     new = compat.detect(*_fake_sglang(new=True))
     assert new == compat.Features(kv_record=True, prefix_len=True, checkpoint=True, unfinished_req=False,
-                                  finished_req=False, struct_server_args=True)
+                                  finished_req=False, struct_server_args=True, release_flag="checkpoint")
 
 
 # --- the installed SGLang ------------------------------------------------------------------------------------

@@ -7,13 +7,14 @@ the first time it is called (inside the processes that run SGLang anyway).
 
 What moved (read in both wheels):
 * 0.5.19: `req_pool_idx`, `kv_committed_len`, `cache_protected_len` moved from Req onto its KV record `req.kv`
-  (ReqKvInfo, always present; in 0.5.17 only `kv_allocated_len` lives there and `req.kv` is None once released).
-* 0.5.2x: `req.prefix_indices` / `req.extend_range` became `req.prefix_len` / `req.extend_end`.
-* 0.5.21/22: `cache_finished_req` / `cache_unfinished_req` became `BasePrefixCache.checkpoint(req, *, up_to)`,
-  called through `common.checkpoint_kv_cache` and `release_kv_cache(req, tree_cache, *, checkpoint)`; the
-  default tree cache is UnifiedRadixCache and `mem_cache.chunk_cache` is gone.
+  (ReqKvInfo, always present; in 0.5.17 only `kv_allocated_len` lives there and `req.kv` is None once released);
+  the default tree cache is UnifiedRadixCache (0.5.17/18: RadixCache).
 * 0.5.20: ServerArgs is a msgspec Struct: its `__init__` / `__post_init__` are C slots that hooks cannot reach,
   and `object.__setattr__` raises on it.
+* 0.5.21: `RadixCache.cache_finished_req` is gone (release_kv_cache calls `tree_cache.insert_req`).
+* 0.5.22: `cache_unfinished_req` is gone too: `BasePrefixCache.checkpoint(req, *, up_to)`, called through
+  `common.checkpoint_kv_cache` and `release_kv_cache(req, tree_cache, *, checkpoint)`; `mem_cache.chunk_cache`
+  is gone; `req.prefix_indices` / `req.extend_range` became `req.prefix_len` / `req.extend_end`.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ class Features:
     unfinished_req: bool      # RadixCache.cache_unfinished_req exists (hooked for private prompts)
     finished_req: bool        # RadixCache.cache_finished_req exists (hooked for compacted requests)
     struct_server_args: bool  # ServerArgs is a msgspec Struct (hook sglang.Engine for keyword arguments)
+    release_flag: str = "is_insert"   # release_kv_cache's keyword that lets the tree keep the request's KV
 
 
 # --- version gate --------------------------------------------------------------------------------------------
@@ -76,6 +78,7 @@ def detect(req_kv_cls, req_cls, prefix_cache_cls, radix_cls, release_fn, server_
         unfinished_req=hasattr(radix_cls, "cache_unfinished_req"),
         finished_req=hasattr(radix_cls, "cache_finished_req"),
         struct_server_args=hasattr(server_args_cls, "__struct_fields__"),
+        release_flag="checkpoint" if "checkpoint" in release else "is_insert",
     )
 
 
@@ -208,15 +211,13 @@ def make_radix_cache(req_to_token_pool, allocator, page_size: int, disable: bool
 def release_kv_cache(req, tree_cache, insert: bool = True) -> None:
     """Finish (insert=True) or abort a request's KV, as SGLang's scheduler does."""
     from sglang.srt.mem_cache import common
-    if features().checkpoint:
-        common.release_kv_cache(req, tree_cache, checkpoint=insert)
-    else:
-        common.release_kv_cache(req, tree_cache, is_insert=insert)
+    common.release_kv_cache(req, tree_cache, **{features().release_flag: insert})
 
 
 def release_inserts(args: tuple, kwargs: dict) -> bool:
     """Whether a release_kv_cache(req, tree_cache, ...) call inserts into the tree (its own default included)."""
-    name, default = ("checkpoint", None) if features().checkpoint else ("is_insert", True)
+    name = features().release_flag
+    default = True if name == "is_insert" else None            # (the keyword-only `checkpoint` has none)
     if name in kwargs:
         return bool(kwargs[name])
     if len(args) > 2:
@@ -226,7 +227,7 @@ def release_inserts(args: tuple, kwargs: dict) -> bool:
 
 def release_without_insert(args: tuple, kwargs: dict) -> tuple:
     """The (args, kwargs) of a release_kv_cache call changed so that it does not insert into the tree."""
-    name = "checkpoint" if features().checkpoint else "is_insert"
+    name = features().release_flag
     args, kwargs = tuple(args[:2]), dict(kwargs)
     kwargs[name] = False
     return args, kwargs
