@@ -34,14 +34,14 @@ def _check_scheduler(scheduler) -> None:
 
 
 def init_hook(result, self, *args, **kwargs):
-    from . import engine_hooks, verify_applied
+    from . import engine_hooks, flag_hooks, verify_applied
     settings = settings_of(self.server_args)
     env = ams_settings.from_environment()
     if env is None or env != settings:
         raise RuntimeError("sglang-ams: the scheduler's settings differ from the launcher's "
                            f"({ams_settings.ENV_VAR}); was the environment changed between launch and spawn?")
     where = f"scheduler process (tp rank {getattr(self, 'tp_rank', 0)})"
-    verify_applied(engine_hooks(), where)
+    verify_applied(flag_hooks() + engine_hooks(), where)
     rt = ams_runtime.get()
     if rt is None:
         raise RuntimeError(f"sglang-ams: the KV-pool hook did not run in the {where}")
