@@ -329,8 +329,9 @@ def test_beam_width_on_real_sampling_params(monkeypatch):
     import inspect
     if "beam_width" not in inspect.signature(SamplingParams).parameters:
         pytest.skip("this SGLang has no per-request beam search")
-    monkeypatch.setenv(ENV_VAR, EngineSettings(policy=PolicyConfig(policy="streaming")).to_json())
+    monkeypatch.delenv(ENV_VAR, raising=False)
     sp = SamplingParams(max_new_tokens=8, beam_width=3)
-    sp.verify(1000)
+    sp.verify(1000)                         # upstream accepts it (and our hooks, if applied, without a policy)
+    monkeypatch.setenv(ENV_VAR, EngineSettings(policy=PolicyConfig(policy="streaming")).to_json())
     with pytest.raises(ValueError, match="beam_width=3"):
         verify_hook(None, sp, 1000)
