@@ -15,6 +15,7 @@ import logging
 import torch
 
 from sglang_ams.engine import request_state
+from sglang_ams.engine import sglang_compat as compat
 from sglang_ams.engine import ring as ams_ring
 from sglang_ams.engine import runtime as ams_runtime
 from sglang_ams.engine import workspace as ams_workspace
@@ -37,8 +38,15 @@ def cache_unfinished_req_hook(orig, self, req, *args, **kwargs):
     if st is None or rt.settings.prompt_cache == "cached" or self.disable:
         return orig(self, req, *args, **kwargs)
     # Private prompt: keep the request's own KV out of the tree (what ChunkCache does).
-    end = req.extend_range.end
-    req.prefix_indices = self.req_to_token_pool.req_to_token[req.req_pool_idx, :end].to(torch.int64, copy=True)
+    compat.keep_extend_private(req, self.req_to_token_pool.req_to_token)
+
+
+def checkpoint_kv_cache_hook(orig, req, tree_cache, *args, **kwargs):
+    """SGLang with checkpoint(): the same for common.checkpoint_kv_cache (it runs after every prefill chunk)."""
+    rt, st = _policy_state(req)
+    if st is None or rt.settings.prompt_cache == "cached" or tree_cache.disable:
+        return orig(req, tree_cache, *args, **kwargs)
+    compat.keep_extend_private(req, tree_cache.req_to_token_pool.req_to_token)
 
 
 def cache_finished_req_hook(orig, self, req, is_insert: bool = True, **kwargs):
@@ -65,7 +73,11 @@ def release_kv_cache_hook(result, req, *args, **kwargs):
 
 def release_kv_cache_before(req, *args, **kwargs):
     # release_kv_cache clears req.req_pool_idx; remember it for the AFTER hook.
-    req._ams_pool_idx = req.req_pool_idx
+    req._ams_pool_idx = compat.pool_idx(req)
+    st = request_state.existing_state(req)
+    if not compat.features().finished_req and st is not None and st.compacted \
+            and compat.release_inserts((req,) + args, kwargs):
+        return compat.release_without_insert((req,) + args, kwargs)     # (no cache_finished_req to hook there)
     return None
 
 
@@ -145,9 +157,16 @@ def alloc_memory_pool_hook(result, self, *args, **kwargs):
     return result
 
 
+def tree_hooks() -> list:
+    """The tree-cache hooks this SGLang's radix-cache API takes (sglang_compat.Features)."""
+    f = compat.features()
+    return ([(RADIX + ".cache_unfinished_req", cache_unfinished_req_hook, "around")] if f.unfinished_req else []) \
+        + ([(RADIX + ".cache_finished_req", cache_finished_req_hook, "around")] if f.finished_req else []) \
+        + ([("sglang.srt.mem_cache.common.checkpoint_kv_cache", checkpoint_kv_cache_hook, "around")]
+           if f.checkpoint else [])
+
+
 HOOKS = [
-    (RADIX + ".cache_unfinished_req", cache_unfinished_req_hook, "around"),
-    (RADIX + ".cache_finished_req", cache_finished_req_hook, "around"),
     ("sglang.srt.mem_cache.common.release_kv_cache", release_kv_cache_before, "before"),
     ("sglang.srt.mem_cache.common.release_kv_cache", release_kv_cache_hook, "after"),
     ("sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._profile_available_bytes",

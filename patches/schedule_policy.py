@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sglang_ams.engine import admission, request_state
 from sglang_ams.engine import runtime as ams_runtime
+from sglang_ams.engine import sglang_compat as compat
 
 ADDER = "sglang.srt.managers.schedule_policy.PrefillAdder"
 
@@ -18,7 +19,7 @@ def _state(req):
 def _pinned_at_admission(rt, req) -> int:
     if rt.settings.prompt_cache == "cached":
         return len(req.origin_input_ids) // rt.page_size * rt.page_size   # the prompt will be tree-owned
-    return len(req.prefix_indices)
+    return compat.prefix_len(req)
 
 
 def running_offset_hook(orig, self, req):
@@ -26,7 +27,7 @@ def running_offset_hook(orig, self, req):
     rt, st = _state(req)
     if st is None:
         return value
-    bound = admission.running_reservation(req.kv_committed_len, req.cache_protected_len, st.cfg)
+    bound = admission.running_reservation(compat.committed_len(req), compat.protected_len(req), st.cfg)
     return min(value, bound)
 
 
@@ -61,7 +62,7 @@ def init_req_max_new_tokens_hook(orig, self, req):
     requested = req.sampling_params.max_new_tokens
     orig(self, req)
     rt, st = _state(req)
-    if st is None:
+    if st is None or getattr(req, "to_finish", None) is not None:     # (newer SGLang aborts prompts too long here)
         return
     limit = requested if requested is not None else 1 << 30
     if self.max_new_tokens_limit:

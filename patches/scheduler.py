@@ -7,6 +7,7 @@ import time
 
 from sglang_ams.engine import runtime as ams_runtime
 from sglang_ams.engine import settings as ams_settings
+from sglang_ams.engine import sglang_compat as compat
 from sglang_ams.engine.compactor import Compactor
 
 from .server_args import settings_of
@@ -20,11 +21,10 @@ LOG_EVERY_S = 10.0
 
 def _check_scheduler(scheduler) -> None:
     from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
-    from sglang.srt.mem_cache.chunk_cache import ChunkCache
-    from sglang.srt.mem_cache.radix_cache import RadixCache
-    if type(scheduler.tree_cache) not in (RadixCache, ChunkCache):
+    accepted = compat.tree_cache_classes()
+    if type(scheduler.tree_cache) not in accepted:
         raise ams_runtime.Unsupported(f"the prefix cache is {type(scheduler.tree_cache).__name__}; the plugin "
-                                      "supports SGLang's RadixCache and ChunkCache")
+                                      f"supports SGLang's {', '.join(c.__name__ for c in accepted)}")
     backend = scheduler.tp_worker.model_runner.attn_backend
     if not isinstance(backend, FlashInferAttnBackend):
         raise ams_runtime.Unsupported(f"attention backend is {type(backend).__name__}, not FlashInfer (SGLang "
@@ -34,14 +34,14 @@ def _check_scheduler(scheduler) -> None:
 
 
 def init_hook(result, self, *args, **kwargs):
-    from . import engine_hooks, verify_applied
+    from . import engine_hooks, flag_hooks, verify_applied
     settings = settings_of(self.server_args)
     env = ams_settings.from_environment()
     if env is None or env != settings:
         raise RuntimeError("sglang-ams: the scheduler's settings differ from the launcher's "
                            f"({ams_settings.ENV_VAR}); was the environment changed between launch and spawn?")
     where = f"scheduler process (tp rank {getattr(self, 'tp_rank', 0)})"
-    verify_applied(engine_hooks(), where)
+    verify_applied(flag_hooks() + engine_hooks(), where)
     rt = ams_runtime.get()
     if rt is None:
         raise RuntimeError(f"sglang-ams: the KV-pool hook did not run in the {where}")
@@ -66,7 +66,8 @@ def update_running_batch_hook(orig, self, batch):
     # Filter first so finished requests are not compacted, then compact before SGLang checks decode memory:
     # freed slots avoid a retraction and the new decode slot lands right after the kept tokens.
     initial = batch.batch_size()
-    batch.filter_batch()
+    finishing = getattr(self, "_reqs_finishing_inflight", None)      # (SGLang that skips their last decode)
+    batch.filter_batch(**({"reqs_to_exclude": finishing(batch)} if finishing is not None else {}))
     if batch.batch_size() < initial:
         batch.batch_is_full = False
     if not batch.is_empty():

@@ -119,6 +119,12 @@ _REFUSED_SET = {
     "radix_cache_backend": "the plugin works with SGLang's default radix cache only",
     "dllm_algorithm": "diffusion LLM decoding is not supported",
 }
+_REFUSED_TRUE.update({       # flags of newer SGLang (absent ones read as their default)
+    "enable_unified_cache_external_linker": "external KV stores would receive compacted KV under the wrong tokens",
+    "disaggregation_decode_enable_offload_kvcache": "offloaded KV copies would go stale after compaction",
+    "enable_kv_cache_sharding": "page-interleaved KV sharding stripes a request's pages across ranks, which "
+                                "compaction does not follow",
+})
 _KV_DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "half")
 
 
@@ -130,6 +136,8 @@ def compatible_overrides(get: Callable[[str, Any], Any]) -> dict:
     for name, why in _REFUSED_SET.items():
         if get(name, None) not in (None, ""):
             raise UnsupportedFeature(name, get(name, None), why)
+    if (get("attn_dp_size", 1) or 1) > 1:
+        raise UnsupportedFeature("attn_dp_size", get("attn_dp_size", 1), "data-parallel attention is not supported yet")
     for name in ("pp_size", "dcp_size"):
         if (get(name, 1) or 1) > 1:
             raise UnsupportedFeature(name, get(name, 1), "pipeline / decode-context parallelism is not supported")
@@ -159,7 +167,7 @@ _in_from_cli = False
 
 
 def _attach(server_args, settings: EngineSettings) -> None:
-    object.__setattr__(server_args, ATTR, settings)
+    setattr(server_args, ATTR, settings)     # (a msgspec ServerArgs keeps underscore names through pickling)
     ams_settings.publish(settings)
 
 
@@ -198,12 +206,71 @@ def init_hook(orig, self, *args, **kwargs):
         ams_settings.publish(None)   # an Engine without our kwargs must not inherit an earlier Engine's policy
 
 
+# SGLang whose ServerArgs is a msgspec Struct: its __init__ cannot be hooked, so sglang.Engine's keyword
+# arguments are taken in Engine.__init__ and the settings attached where Engine logs the ServerArgs it built.
+_pending: list = []          # [EngineSettings] between the two
+
+
+def take_engine_kwargs(kwargs: dict) -> None:
+    """Pop our keyword arguments from an Engine call (in place) and force the flags a policy needs."""
+    _pending.clear()
+    if "server_args" in kwargs:
+        return
+    ours = {name: kwargs.pop(name) for name in ALL_NAMES if name in kwargs}
+    settings = ams_settings.from_user_values(ours)
+    if settings.enabled:
+        kwargs.update(compatible_overrides(lambda n, d: kwargs.get(n, d)))
+    _pending.append(settings)
+
+
+def engine_init_hook(orig, self, *args, **kwargs):
+    take_engine_kwargs(kwargs)
+    try:
+        return orig(self, *args, **kwargs)
+    finally:
+        _pending.clear()
+
+
+def engine_logging_hook(server_args, *args, **kwargs):
+    if _pending:
+        settings = _pending.pop()
+        if isinstance(settings, Exception):
+            raise settings                       # a bad value in the first Engine call (see take_first_engine_call)
+        _attach(server_args, settings)           # an Engine without our kwargs publishes "no policy"
+    return None
+
+
+def take_first_engine_call() -> None:
+    """The plugin is loaded inside the first Engine.__init__, after its hook could apply: take that call's
+    keyword arguments from its frame (the dict it is about to pass to ServerArgs)."""
+    import sys
+    engine = sys.modules.get("sglang.srt.entrypoints.engine")
+    code = getattr(getattr(getattr(engine, "Engine", None), "__init__", None), "__code__", None)
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code is not code:
+        frame = frame.f_back
+    kwargs = frame.f_locals.get("kwargs") if frame is not None else None
+    if isinstance(kwargs, dict):
+        try:
+            take_engine_kwargs(kwargs)
+        except ConfigError as err:               # raised here, SGLang would only log it: raise it at the attach
+            _pending[:] = [err]
+
+
 def settings_of(server_args) -> EngineSettings:
     return getattr(server_args, ATTR, None) or EngineSettings()
 
 
+ENGINE = "sglang.srt.entrypoints.engine"
 HOOKS = [
     (MODULE + ".add_cli_args", add_cli_args_hook, "after"),
     (MODULE + ".from_cli_args", from_cli_args_hook, "around"),
-    (MODULE + ".__init__", init_hook, "around"),
 ]
+INIT_HOOKS = [(MODULE + ".__init__", init_hook, "around")]        # a dataclass ServerArgs
+ENGINE_HOOKS = [(ENGINE + ".Engine.__init__", engine_init_hook, "around"),          # a msgspec ServerArgs
+                (ENGINE + "._server_args_for_logging", engine_logging_hook, "before")]
+
+
+def hooks() -> list:
+    from sglang_ams.engine import sglang_compat
+    return HOOKS + (ENGINE_HOOKS if sglang_compat.features().struct_server_args else INIT_HOOKS)

@@ -24,13 +24,11 @@ import torch
 
 pytest.importorskip("sglang.srt.mem_cache.memory_pool")
 
-from sglang.srt.managers.schedule_batch import Req, ReqKvInfo, ScheduleBatch  # noqa: E402
+from sglang.srt.managers.schedule_batch import Req, ScheduleBatch  # noqa: E402
 from sglang.srt.mem_cache import common as sgl_common  # noqa: E402
 from sglang.srt.mem_cache.allocator import PagedTokenToKVPoolAllocator, TokenToKVPoolAllocator  # noqa: E402
-from sglang.srt.mem_cache.base_prefix_cache import InsertParams, MatchPrefixParams  # noqa: E402
-from sglang.srt.mem_cache.cache_init_params import CacheInitParams  # noqa: E402
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool  # noqa: E402
-from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey  # noqa: E402
+from sglang.srt.mem_cache.radix_cache import RadixCache  # noqa: E402
 from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E402
 from sglang.srt.runtime_context import get_context  # noqa: E402
 from sglang.srt.sampling.sampling_params import SamplingParams  # noqa: E402
@@ -41,6 +39,7 @@ from sglang_ams.config import PolicyConfig  # noqa: E402
 from sglang_ams.engine import admission, request_state, workspace  # noqa: E402
 from sglang_ams.engine import compactor as compactor_mod  # noqa: E402
 from sglang_ams.engine import runtime as ams_runtime  # noqa: E402
+from sglang_ams.engine import sglang_compat as compat  # noqa: E402
 from sglang_ams.engine.compactor import Compactor, needs_attention  # noqa: E402
 from sglang_ams.engine.settings import ENV_VAR, EngineSettings  # noqa: E402
 from sglang_ams.patches import flashinfer_decode as fi_hooks  # noqa: E402
@@ -55,7 +54,8 @@ from sglang_ams.scorers.base import RopeSpec, ScoreInputs  # noqa: E402
 from sglang_ams.window_attention import window_attention  # noqa: E402
 
 # The interpreter converts 1-element arrays to ints in range() bounds (a numpy deprecation, not ours).
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning"),
+              pytest.mark.sglang_api]
 
 LAYERS, KV_HEADS, Q_HEADS, HEAD_DIM = 2, 2, 4, 32          # GQA group 2
 POOL_TOKENS = 1024
@@ -98,7 +98,7 @@ class Env:
     kv_pool: MHATokenToKVPool
     req_pool: ReqToTokenPool
     allocator: object
-    tree: RadixCache
+    tree: object                # the default tree cache of this SGLang (RadixCache, or UnifiedRadixCache)
     gen: torch.Generator
     groups: list                                             # filled by the recording fixture
     tree_slots: set = dataclasses.field(default_factory=set)
@@ -138,7 +138,7 @@ def recorded(monkeypatch):
         return sel
 
     def recording_group(self, items, layers=None):
-        snap = [Item(d.req.rid, d.req.req_pool_idx, d.length, d.prefix, d.keep, d.pinned) for d in items]
+        snap = [Item(d.req.rid, compat.pool_idx(d.req), d.length, d.prefix, d.keep, d.pinned) for d in items]
         before = self.rt.counters.decode_lse_launches
         ring_lse = all(d.state.ring_lse for d in items)
         real_group(self, items, layers)
@@ -164,8 +164,7 @@ def make_env(groups, *, page_size=1, dtype=torch.bfloat16, policy=CFG, ring_rows
         allocator = TokenToKVPoolAllocator(POOL_TOKENS, dtype, "cpu", kv_pool, need_sort=False)
     else:
         allocator = PagedTokenToKVPoolAllocator(POOL_TOKENS, page_size, dtype, "cpu", kv_pool, need_sort=False)
-    tree = RadixCache(CacheInitParams(disable=False, req_to_token_pool=req_pool, token_to_kv_pool_allocator=allocator,
-                                      page_size=page_size))
+    tree = compat.make_radix_cache(req_pool, allocator, page_size)
     settings = EngineSettings(policy=policy, ring_rows=ring_rows, debug_checks=debug_checks, batch_slack=batch_slack,
                               scoring_lse=scoring_lse)
     shape = ams_runtime.ModelShape(num_layers=LAYERS, start_layer=0, num_kv_heads=KV_HEADS, num_q_heads=Q_HEADS,
@@ -200,7 +199,7 @@ def cache_prefix(env: Env, tokens: list) -> None:
     """Put a prompt prefix into the radix tree (what an earlier request's prefill would have left there)."""
     slots = alloc_slots(env, len(tokens))
     random_kv(env, slots)
-    env.tree.insert(InsertParams(key=RadixKey(array("q", tokens)), value=slots))
+    compat.insert_prefix(env.tree, tokens, slots)
     env.tree_slots |= set(slots.tolist())
 
 
@@ -209,33 +208,29 @@ def add_request(env: Env, rid: str, tokens: list, *, pinned: int = 0, override=N
     custom = None if override is None else {request_state.REQUEST_KEY: override}
     req = Req(rid, "", array("q", tokens), SamplingParams(max_new_tokens=4096, custom_params=custom))
     env.req_pool.alloc([req])
-    row = req.req_pool_idx
+    row = compat.pool_idx(req)
     if pinned:
-        match = env.tree.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens))))
-        assert len(match.device_indices) == pinned
-        env.tree.inc_lock_ref(match.last_device_node)
-        req.prefix_indices, req.last_node = match.device_indices, match.last_device_node
-        req.cache_protected_len = pinned
-        env.r2t[row, :pinned] = match.device_indices.to(torch.int32)
+        indices = compat.lock_prefix(env.tree, req, tokens)
+        assert len(indices) == pinned
+        env.r2t[row, :pinned] = indices.to(torch.int32)
     own = alloc_slots(env, len(tokens) - pinned)
     random_kv(env, own)
     env.r2t[row, pinned:len(tokens)] = own.to(torch.int32)
-    req.kv = ReqKvInfo(kv_allocated_len=len(tokens), swa_evicted_seqlen=0)
-    req.kv_committed_len = len(tokens)
+    compat.set_kv_lengths(req, len(tokens))
     env.queries[rid] = {}
     env.dropped[rid] = 0
     return req
 
 
 def make_batch(env: Env, reqs: list) -> ScheduleBatch:
-    lens = [r.kv_committed_len for r in reqs]
+    lens = [compat.committed_len(r) for r in reqs]
     return ScheduleBatch(
         reqs=reqs, req_to_token_pool=env.req_pool, token_to_kv_pool_allocator=env.allocator, tree_cache=env.tree,
         device="cpu", spec_algorithm=SpeculativeAlgorithm.NONE,
         # prepare_for_decode reads model_config.is_encoder_decoder and the penalizer flag only.
         model_config=SimpleNamespace(is_encoder_decoder=False),
         sampling_info=SimpleNamespace(penalizer_orchestrator=SimpleNamespace(is_required=False)),
-        req_pool_indices=torch.tensor([r.req_pool_idx for r in reqs], dtype=torch.int64),
+        req_pool_indices=torch.tensor([compat.pool_idx(r) for r in reqs], dtype=torch.int64),
         seq_lens=torch.tensor(lens, dtype=torch.int64), seq_lens_cpu=torch.tensor(lens, dtype=torch.int64),
         orig_seq_lens=torch.tensor(lens, dtype=torch.int32))
 
@@ -278,7 +273,7 @@ class DecodeAttention:
         assert return_lse and self._sm_scale == self.env.rt.shape.scale
         lses = []
         for i, req in enumerate(self.batch.reqs):
-            slots = self.env.r2t[req.req_pool_idx, : int(self.batch.seq_lens[i])].long()
+            slots = self.env.r2t[compat.pool_idx(req), : int(self.batch.seq_lens[i])].long()
             keys = self.env.kv_pool.k_buffer[self.layer][slots].float()                  # [T, H, d]
             qi = q[i].float().view(KV_HEADS, Q_HEADS // KV_HEADS, HEAD_DIM)
             logits = torch.einsum("hgd,thd->hgt", qi, keys) * self._sm_scale
@@ -308,7 +303,8 @@ def snapshot(env: Env, batch: ScheduleBatch) -> Snap:
     c = env.rt.counters
     return Snap([b.clone() for b in env.kv_pool.k_buffer], [b.clone() for b in env.kv_pool.v_buffer], env.r2t.clone(),
                 free_slots(env), batch.seq_lens.clone(), batch.seq_lens_cpu.clone(), batch.orig_seq_lens.clone(),
-                {r.rid: r.kv_committed_len for r in batch.reqs}, {r.rid: r.kv.kv_allocated_len for r in batch.reqs},
+                {r.rid: compat.committed_len(r) for r in batch.reqs},
+                {r.rid: compat.allocated_len(r) for r in batch.reqs},
                 {rid: None if st is None or st.credit is None else st.credit.clone() for rid, st in states.items()},
                 (c.compactions, c.tokens_freed))
 
@@ -316,7 +312,7 @@ def snapshot(env: Env, batch: ScheduleBatch) -> Snap:
 def free_slots(env: Env) -> set:
     """Every slot the allocator holds; fails on a page or slot held twice (a double free)."""
     a = env.allocator
-    ids = torch.cat([a.free_pages, a.release_pages])
+    ids = compat.free_page_ids(a)
     assert ids.unique().numel() == ids.numel(), "the allocator holds a slot or page twice (double free)"
     if a.page_size > 1:
         ids = (ids[:, None] * a.page_size + torch.arange(a.page_size)).reshape(-1)
@@ -333,7 +329,7 @@ def check_no_leak(env: Env, reqs: list) -> None:
     """Every slot is either free or referenced (by a live row or the tree), never both, never neither."""
     live = set(env.tree_slots)
     for r in reqs:
-        live |= page_slots(env, env.r2t[r.req_pool_idx, :r.kv.kv_allocated_len].tolist())
+        live |= page_slots(env, env.r2t[compat.pool_idx(r), :compat.allocated_len(r)].tolist())
     free = free_slots(env)
     assert not free & live, "slots both free and in use"
     assert len(free) == env.allocator.available_size()
@@ -429,13 +425,13 @@ def check_compaction(env: Env, batch: ScheduleBatch, snap: Snap, groups: list) -
     assert torch.equal(batch.orig_seq_lens, snap.orig_seq_lens - d.to(torch.int32))
     for r in batch.reqs:
         dropped = delta.get(r.rid, 0)
-        assert r.kv_committed_len == snap.committed[r.rid] - dropped
-        assert r.kv.kv_allocated_len == snap.allocated[r.rid] - dropped
+        assert compat.committed_len(r) == snap.committed[r.rid] - dropped
+        assert compat.allocated_len(r) == snap.allocated[r.rid] - dropped
         env.dropped[r.rid] += dropped
         st = request_state.existing_state(r)
-        assert int(rt.pos_offsets[r.req_pool_idx]) == env.dropped[r.rid] == (st.pos_offset if st else 0)
+        assert int(rt.pos_offsets[compat.pool_idx(r)]) == env.dropped[r.rid] == (st.pos_offset if st else 0)
         if dropped:
-            assert st.compacted and st.ring_row == 0 and int(rt.ring.row_of[r.req_pool_idx]) == 0
+            assert st.compacted and st.ring_row == 0 and int(rt.ring.row_of[compat.pool_idx(r)]) == 0
     for g in groups:     # carried credit: one value per kept token of every (layer, head)
         for j, it in enumerate(g.items):
             st = request_state.existing_state(next(r for r in batch.reqs if r.rid == it.rid))
@@ -490,15 +486,15 @@ def test_compaction_bookkeeping(recorded, page_size, dtype):
     # row (length 86), so it compacts 8 queries later at 94 (drops 22); keep = 72 is not page-aligned.
     pinned = add_request(env, "pinned", SHARED + list(range(4000, 4052)), pinned=32)
     batch = make_batch(env, [short, long, pinned])
-    prefix_before = {r.rid: env.r2t[r.req_pool_idx, :r.cache_protected_len].clone() for r in (short, pinned)}
-    short_row = env.r2t[short.req_pool_idx].clone()
+    prefix_before = {r.rid: env.r2t[compat.pool_idx(r), :compat.protected_len(r)].clone() for r in (short, pinned)}
+    short_row = env.r2t[compat.pool_idx(short)].clone()
 
     history = []
     for _ in range(27):
         history.append(compacted(step(env, batch)))
         if len(history) in (3, 9):      # rings: long takes its row at 48, pinned at 86 (both at step 3)
             st = request_state.existing_state(long)
-            assert st.ring_row and st.ring_start == 48 and int(env.rt.ring.row_of[long.req_pool_idx]) == st.ring_row
+            assert st.ring_row and st.ring_start == 48 and int(env.rt.ring.row_of[compat.pool_idx(long)]) == st.ring_row
             assert request_state.existing_state(pinned).ring_start == 86
     first, second = history[10], history[26]
     assert all(not h for i, h in enumerate(history) if i not in (10, 26)), history
@@ -515,29 +511,29 @@ def test_compaction_bookkeeping(recorded, page_size, dtype):
         assert request_state.existing_state(r).compactions == 2
     # (b) the pinned prefixes never moved, (f) the request below its cap is untouched, row and state.
     for r in (short, pinned):
-        assert torch.equal(env.r2t[r.req_pool_idx, :r.cache_protected_len], prefix_before[r.rid])
-    assert torch.equal(env.r2t[short.req_pool_idx, :30], short_row[:30])
+        assert torch.equal(env.r2t[compat.pool_idx(r), :compat.protected_len(r)], prefix_before[r.rid])
+    assert torch.equal(env.r2t[compat.pool_idx(short), :30], short_row[:30])
     st = request_state.existing_state(short)
     assert st.pos_offset == 0 and not st.compacted and st.ring_row == 0
-    assert short.kv_committed_len == 30 + 27
+    assert compat.committed_len(short) == 30 + 27
     # After compaction the next decode token lands right after the kept tokens, in the kept last page.
     if page_size > 1:
-        row = long.req_pool_idx       # keep = 40: positions 40.. share the page of position 39
+        row = compat.pool_idx(long)       # keep = 40: positions 40.. share the page of position 39
         assert int(env.r2t[row, 40]) == int(env.r2t[row, 39]) + 1
 
 
 def prefill(env: Env, reqs: list) -> int:
     """What a prefill batch does for the query ring: our prepare_for_extend hook on the batch, then the extend
     forward's attention-backend hook over each request's uncached tokens (its pinned prefix was cached)."""
-    lengths = [r.kv_committed_len for r in reqs]
-    extend = [n - r.cache_protected_len for r, n in zip(reqs, lengths)]
+    lengths = [compat.committed_len(r) for r in reqs]
+    extend = [n - compat.protected_len(r) for r, n in zip(reqs, lengths)]
     batch = SimpleNamespace(reqs=reqs, seq_lens_cpu=torch.tensor(lengths), extend_lens=extend)
     taken = compactor_mod.take_prefill_rows(env.rt, batch)
     starts = torch.tensor([0] + extend[:-1]).cumsum(0)
-    positions = torch.cat([torch.arange(r.cache_protected_len, n) for r, n in zip(reqs, lengths)])
+    positions = torch.cat([torch.arange(compat.protected_len(r), n) for r, n in zip(reqs, lengths)])
     fb = SimpleNamespace(forward_mode=ForwardMode.EXTEND, extend_start_loc=starts.to(torch.int32),
                          extend_seq_lens=torch.tensor(extend, dtype=torch.int32), positions=positions,
-                         req_pool_indices=torch.tensor([r.req_pool_idx for r in reqs]))
+                         req_pool_indices=torch.tensor([compat.pool_idx(r) for r in reqs]))
     q = torch.randn(LAYERS, len(positions), Q_HEADS * HEAD_DIM, generator=env.gen).to(env.rt.shape.dtype)
     for layer in range(LAYERS):     # the RadixAttention hook leaves extends alone; the backend hook writes
         assert attn_hooks.forward_hook(lambda *a, **k: "attended", SimpleNamespace(layer_id=layer), q[layer],
@@ -568,7 +564,7 @@ def test_prefill_window_compacts_two_steps_after_prefill(recorded):
     assert st["short"].ring_row == 0 and st["off"] is None
     assert not torch.equal(env.rt.ring.buf[:, 0], trash_before)          # the other prompts' tails went there
     for r in (long, pinned):                                            # the prompt's last W queries, by slot
-        for pos in range(r.kv_committed_len - CFG.window, r.kv_committed_len):
+        for pos in range(compat.committed_len(r) - CFG.window, compat.committed_len(r)):
             assert torch.equal(env.rt.ring.buf[:, st[r.rid].ring_row, pos % CFG.window], env.queries[r.rid][pos])
 
     batch = make_batch(env, [long, pinned, short, off])
@@ -594,7 +590,7 @@ def test_mixed_overrides_compact_in_one_step(recorded):
     reqs = [add_request(env, rid, list(range(2000 + 100 * i, 2046 + 100 * i)), override=o)
             for i, (rid, o) in enumerate(overrides.items())]
     batch = make_batch(env, reqs)
-    off_row = env.r2t[reqs[-1].req_pool_idx].clone()
+    off_row = env.r2t[compat.pool_idx(reqs[-1])].clone()
     seen = {}
     for _ in range(12):
         for g in step(env, batch):
@@ -602,9 +598,9 @@ def test_mixed_overrides_compact_in_one_step(recorded):
     assert seen == {("streaming", "snapkv"): ["stream"], ("topk", "keydiff"): ["keydiff"],
                     ("ams", "tova"): ["tova"], ("ams", "snapkv"): ["default"]}
     off = reqs[-1]
-    assert request_state.existing_state(off) is None and off.kv_committed_len == 46 + 12
-    assert torch.equal(env.r2t[off.req_pool_idx, :46], off_row[:46])
-    assert int(env.rt.pos_offsets[off.req_pool_idx]) == 0
+    assert request_state.existing_state(off) is None and compat.committed_len(off) == 46 + 12
+    assert torch.equal(env.r2t[compat.pool_idx(off), :46], off_row[:46])
+    assert int(env.rt.pos_offsets[compat.pool_idx(off)]) == 0
 
 
 def test_needs_attention():
@@ -694,7 +690,7 @@ def test_ring_rows_wait_and_release(recorded):
             assert env.rt.counters.ring_waits == 1                     # b at 56 with no row
         if n == 11:
             assert done == {"a": (56, 40)} and sa().ring_row == 0 and env.rt.counters.ring_waits == 2
-            assert ring.free_rows == 1 and int(ring.row_of[a.req_pool_idx]) == 0
+            assert ring.free_rows == 1 and int(ring.row_of[compat.pool_idx(a)]) == 0
         if n == 12:
             assert sb().ring_row and sb().ring_start == 58             # b took the released row at 58
         if 12 <= n < 20:
@@ -762,16 +758,22 @@ def test_ring_window_order():
 
 @pytest.fixture
 def wired_release(monkeypatch):
-    """SGLang's release_kv_cache with our hooks applied as HookRegistry would (scoped to the test)."""
-    real_finished = RadixCache.cache_finished_req
+    """SGLang's release_kv_cache with our hooks applied as HookRegistry would (scoped to the test): the hooks
+    this SGLang's tables hold, called with the keyword its release_kv_cache takes."""
+    f = compat.features()
+    if f.finished_req:
+        real_finished = RadixCache.cache_finished_req
 
-    def cache_finished_req(self, req, is_insert=True, **kwargs):
-        return mem_hooks.cache_finished_req_hook(real_finished, self, req, is_insert, **kwargs)
-    monkeypatch.setattr(RadixCache, "cache_finished_req", cache_finished_req)
+        def cache_finished_req(self, req, is_insert=True, **kwargs):
+            return mem_hooks.cache_finished_req_hook(real_finished, self, req, is_insert, **kwargs)
+        monkeypatch.setattr(RadixCache, "cache_finished_req", cache_finished_req)
 
-    def release(req, tree, is_insert=True):
-        mem_hooks.release_kv_cache_before(req, tree, is_insert)
-        return mem_hooks.release_kv_cache_hook(sgl_common.release_kv_cache(req, tree, is_insert), req, tree)
+    def release(req, tree, insert=True):
+        args, kwargs = (req, tree), {f.release_flag: insert}
+        changed = mem_hooks.release_kv_cache_before(*args, **kwargs)
+        if changed is not None:
+            args, kwargs = changed
+        return mem_hooks.release_kv_cache_hook(sgl_common.release_kv_cache(*args, **kwargs), *args, **kwargs)
     return release
 
 
@@ -792,15 +794,15 @@ def test_release_after_compaction(recorded, wired_release):
     long_tokens = list(long.origin_input_ids) + list(long.output_ids)
 
     # Finish: compacted KV must not enter the tree; ring row and offset are returned.
-    idx = long.req_pool_idx
+    idx = compat.pool_idx(long)
     wired_release(long, env.tree)
-    assert long.req_pool_idx is None and idx in env.req_pool.free_slots
+    assert compat.pool_idx(long) is None and idx in env.req_pool.free_slots
     assert st.ring_row == 0 and env.rt.ring.free_rows == rows_free + 1 and int(env.rt.ring.row_of[idx]) == 0
     assert int(env.rt.pos_offsets[idx]) == 0
-    assert len(env.tree.match_prefix(MatchPrefixParams(key=RadixKey(array("q", long_tokens)))).device_indices) == 0
+    assert len(compat.match_prefix(env.tree, long_tokens)[0]) == 0
     # Retraction of the compacted pinned request: nothing inserted, state starts over (re-prefill).
-    idx = pinned.req_pool_idx
-    wired_release(pinned, env.tree, is_insert=False)
+    idx = compat.pool_idx(pinned)
+    wired_release(pinned, env.tree, insert=False)
     pinned.reset_for_retract()
     batch_hooks.reset_for_retract_hook(None, pinned)
     fresh = request_state.existing_state(pinned)
@@ -809,7 +811,7 @@ def test_release_after_compaction(recorded, wired_release):
     # A request that was never compacted is cached as usual (its KV still matches its tokens).
     short_tokens = list(short.origin_input_ids) + list(short.output_ids)
     wired_release(short, env.tree)
-    cached = env.tree.match_prefix(MatchPrefixParams(key=RadixKey(array("q", short_tokens)))).device_indices
+    cached = compat.match_prefix(env.tree, short_tokens)[0]
     assert len(cached) == len(short_tokens) // 16 * 16
     # Idle: SGLang's own leak rule, available + tree == pool, every ring row back, no lock left.
     assert env.tree.protected_size() == 0
@@ -879,10 +881,10 @@ def test_admission_bounds_what_requests_hold(recorded, policy, prompt):
     batch = make_batch(env, [req])
     lengths = []
     while not env.compactor.due_requests(batch):     # the trigger Compactor.step acts on (no kernels needed)
-        lengths.append(req.kv_committed_len)
+        lengths.append(compat.committed_len(req))
         batch.prepare_for_decode()
         forward(env, batch)
-    peak = req.kv_committed_len
+    peak = compat.committed_len(req)
     assert peak - prompt == admission.admission_new_tokens(prompt, 0, 4096, cfg)
     for length in lengths:
         assert peak - length <= admission.running_reservation(length, 0, cfg)
@@ -904,11 +906,11 @@ def test_admission_hooks():
         adder = PrefillAdder(1, env.tree, env.allocator, batch, 1.0, 10_000, None)
     finally:
         PrefillAdder._get_running_request_total_token_offset = real
-    assert adder.rem_total_token_offset == (56 - 40) + (88 - 64) + 4096     # policy off: upstream's count
+    assert compat.reserved_for_running(adder) == (56 - 40) + (88 - 64) + 4096     # policy off: upstream's count
 
     seen = []
     waiting = add_request(env, "waiting", list(range(4000, 4030)))
-    waiting.prefix_indices = torch.empty(0, dtype=torch.int64)
+    assert compat.prefix_len(waiting) == 0
     policy_hooks.add_one_req_hook(lambda self, req: seen.append(req.sampling_params.max_new_tokens), None, waiting)
     assert seen == [56 - 30] and waiting.sampling_params.max_new_tokens == 4096    # restored afterwards
     # --ams-prompt-cache cached: the prompt will be tree-owned (pinned), so the cap starts after it.

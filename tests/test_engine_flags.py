@@ -1,4 +1,5 @@
-"""Flags, Engine kwargs, startup refusals and per-request validation, against real SGLang 0.5.17 on CPU."""
+"""Flags, Engine kwargs, startup refusals and per-request validation, against real SGLang on CPU (CI runs these on
+0.5.17 and again on 0.5.23)."""
 import json
 import os
 import subprocess
@@ -8,9 +9,11 @@ import pytest
 
 from sglang_ams.config import PolicyConfig
 from sglang_ams.engine import settings as ams_settings
+from sglang_ams.engine import sglang_compat as compat
 from sglang_ams.engine.settings import ENV_VAR, EngineSettings
 
 sglang = pytest.importorskip("sglang.srt.server_args")
+pytestmark = pytest.mark.sglang_api
 
 
 @pytest.fixture(scope="module")
@@ -60,13 +63,12 @@ def test_cli_flags_reach_server_args_and_force_flashinfer(plugins, clean_env, ti
 
 def test_policy_none_is_untouched(plugins, clean_env, tiny_model):
     """--kv-policy none resolves exactly the ServerArgs that SGLang alone resolves."""
-    import dataclasses
     from sglang.srt.server_args import ServerArgs
     plain = _cli(tiny_model, "--random-seed", "7")
     assert plain._ams_settings.policy.policy == "none"
     assert ENV_VAR not in os.environ
     upstream = ServerArgs.from_cli_args.__wrapped__(ServerArgs, _namespace(tiny_model, "--random-seed", "7"))
-    fields = [f.name for f in dataclasses.fields(ServerArgs)]
+    fields = compat.server_args_fields(ServerArgs)
     assert {f: getattr(plain, f) for f in fields} == {f: getattr(upstream, f) for f in fields}
 
 
@@ -122,16 +124,56 @@ def test_help_lists_flags_with_defaults(tiny_model):
         assert needle in text, needle
 
 
-def test_engine_kwargs(plugins, clean_env, tiny_model):
-    from sglang.srt.server_args import ServerArgs
-    sa = ServerArgs(model_path=tiny_model, device="cpu", kv_policy="streaming", kv_budget=300, ams_sink=8)
+class Launched(Exception):
+    def __init__(self, server_args):
+        self.server_args = server_args
+
+
+@pytest.fixture
+def engine(monkeypatch):
+    """sglang.Engine(**kwargs) up to the point where it would launch its processes: returns its ServerArgs."""
+    import atexit
+
+    from sglang.srt.entrypoints.engine import Engine
+
+    def launch(*args, **kwargs):
+        raise Launched(kwargs["server_args"])
+    monkeypatch.setattr(Engine, "_launch_subprocesses", launch)
+    monkeypatch.setattr(atexit, "register", lambda *a, **k: None)
+
+    def build(**kwargs):
+        with pytest.raises(Launched) as got:
+            Engine(**kwargs)
+        return got.value.server_args
+    return build
+
+
+def test_engine_kwargs(plugins, clean_env, tiny_model, engine):
+    sa = engine(model_path=tiny_model, device="cpu", kv_policy="streaming", kv_budget=300, ams_sink=8)
     assert sa._ams_settings.policy == PolicyConfig(policy="streaming", budget=300, sink=8)
     assert sa.attention_backend == "flashinfer"
+    assert EngineSettings.from_json(os.environ[ENV_VAR]) == sa._ams_settings
     with pytest.raises(ValueError, match=r"kv_interval \(--kv-interval\) = 0"):
-        ServerArgs(model_path=tiny_model, device="cpu", kv_policy="ams", kv_interval=0)
-    # a later ServerArgs without our kwargs must not inherit the policy through the environment
-    ServerArgs(model_path=tiny_model, device="cpu")
+        engine(model_path=tiny_model, device="cpu", kv_policy="ams", kv_interval=0)
+    # a later Engine without our kwargs must not inherit the policy through the environment
+    engine(model_path=tiny_model, device="cpu")
     assert ENV_VAR not in os.environ
+
+
+def test_first_engine_call_takes_our_kwargs(tiny_model):
+    """The plugin is loaded inside the first Engine.__init__ of a process: that call's kwargs work too."""
+    code = ("import atexit, os; atexit.register = lambda *a, **k: None\n"
+            "from sglang.srt.entrypoints.engine import Engine\n"
+            "class Launched(Exception): pass\n"
+            "def launch(*a, **k): raise Launched(k['server_args'])\n"
+            "Engine._launch_subprocesses = launch\n"
+            "try:\n"
+            f"    Engine(model_path={tiny_model!r}, device='cpu', kv_policy='ams', kv_budget=256)\n"
+            "except Launched as got:\n"
+            "    sa = got.args[0]\n"
+            "    print('OK', sa._ams_settings.policy.budget, sa.attention_backend, 'AMS_KV_CONFIG' in os.environ)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert out.stdout.strip().splitlines()[-1:] == ["OK 256 flashinfer True"], out.stderr[-3000:]
 
 
 def test_settings_survive_pickling(plugins, clean_env, tiny_model):

@@ -11,6 +11,7 @@ import pytest
 from sglang_ams.config import ConfigError, PolicyConfig, request_override
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+pytestmark = pytest.mark.sglang_api        # the frontend programs run through SGLang's interpreter
 
 
 def _load(name):

@@ -30,6 +30,7 @@ from .admission import MIN_DECODE_STEPS
 from .counters import Timer, now
 from .request_state import RequestState, state_of
 from .runtime import Runtime
+from .sglang_compat import allocated_len, committed_len, pool_idx, protected_len, shrink_kv
 
 logger = logging.getLogger("sglang_ams")
 
@@ -49,7 +50,7 @@ def needs_attention(cfg: PolicyConfig) -> bool:
 
 def trigger_points(rt: Runtime, req, cfg: PolicyConfig) -> tuple[int, int]:
     """(cap, early): the length at which a request must compact, and the earliest at which it may (batch slack)."""
-    cap = req.cache_protected_len + cfg.budget + cfg.interval
+    cap = protected_len(req) + cfg.budget + cfg.interval
     return cap, cap - rt.settings.slack_tokens(cfg.interval)
 
 
@@ -72,7 +73,7 @@ def take_prefill_rows(rt: Runtime, batch) -> int:
         _, early = trigger_points(rt, req, st.cfg)
         if length < early - st.cfg.window:
             continue
-        st.ring_row = rt.ring.acquire(req.req_pool_idx)
+        st.ring_row = rt.ring.acquire(pool_idx(req))
         if st.ring_row:
             # Positions length - min(W, extend) .. length - 1 get their queries in this forward, without LSE.
             st.ring_start, st.ring_lse = length - min(st.cfg.window, extend), False
@@ -129,7 +130,7 @@ class Compactor:
             ring = self.rt.ring
             if not st.ring_row:
                 if length >= early - cfg.window:
-                    st.ring_row = ring.acquire(req.req_pool_idx)
+                    st.ring_row = ring.acquire(pool_idx(req))
                     if st.ring_row:
                         st.ring_start = length      # the query of this position is written by the coming step
                     elif length >= cap:
@@ -151,7 +152,7 @@ class Compactor:
                 continue
             ready = self._readiness(req, st, lengths[i])
             if ready != NOT:
-                (due if ready == DUE else join).append(Due(i, req, st, lengths[i], req.cache_protected_len))
+                (due if ready == DUE else join).append(Due(i, req, st, lengths[i], protected_len(req)))
         return due + join if due else []
 
     # --- the step --------------------------------------------------------------------------------------
@@ -207,7 +208,7 @@ class Compactor:
         k_ptrs, v_ptrs = rt.k_ptrs[layers.start:layers.stop], rt.v_ptrs[layers.start:layers.stop]
         t_max = max(d.length for d in items)
         k_max = max(d.keep for d in items)
-        rows = torch.tensor([d.req.req_pool_idx for d in items], dtype=torch.int64, device=dev)
+        rows = torch.tensor([pool_idx(d.req) for d in items], dtype=torch.int64, device=dev)
         lengths = torch.tensor([d.length for d in items], dtype=torch.int32, device=dev)
         n_keep = torch.tensor([d.keep for d in items], dtype=torch.int64, device=dev)
         n_pinned = torch.tensor([d.pinned for d in items], dtype=torch.int64, device=dev)
@@ -261,8 +262,7 @@ class Compactor:
         offsets = []
         for d in items:
             dropped = d.length - d.keep
-            d.req.kv_committed_len -= dropped
-            d.req.kv.kv_allocated_len -= dropped
+            shrink_kv(d.req, dropped)
             st = d.state
             st.pos_offset += dropped
             st.compacted = True
@@ -270,7 +270,7 @@ class Compactor:
             if d.credit_parts:
                 st.credit = torch.cat(d.credit_parts, dim=0).clone()
             if st.ring_row:
-                rt.ring.release(d.req.req_pool_idx, st.ring_row)
+                rt.ring.release(pool_idx(d.req), st.ring_row)
                 st.ring_row, st.ring_start, st.ring_lse = 0, -1, True
             offsets.append(st.pos_offset)
             rt.counters.record(d.length, d.keep)
@@ -326,13 +326,13 @@ class Compactor:
         ps = rt.page_size
         allocator = rt.allocator
         if ps == 1:
-            tails = [r2t[d.req.req_pool_idx, d.keep: d.length] for d in items]
+            tails = [r2t[pool_idx(d.req), d.keep: d.length] for d in items]
             allocator.free(torch.cat(tails).to(torch.int64))
             return
         for d in items:
             aligned = -(-d.keep // ps) * ps
             if aligned < d.length:
-                allocator.free_segment(r2t[d.req.req_pool_idx, aligned: d.length].to(torch.int64), start_pos=aligned)
+                allocator.free_segment(r2t[pool_idx(d.req), aligned: d.length].to(torch.int64), start_pos=aligned)
 
     def _shrink_batch(self, batch, due: list[Due]) -> None:
         """New length tensors (the in-flight forward and batch copies still hold the old ones)."""
@@ -391,7 +391,7 @@ def check_invariants(rt: Runtime, batch) -> None:
     """Debug mode: SGLang's lengths agree with each other and the pinned prefix is page-aligned."""
     lengths = batch.seq_lens_cpu.tolist()
     for i, req in enumerate(batch.reqs):
-        assert req.kv_committed_len == req.kv.kv_allocated_len == lengths[i], \
-            (req.rid, req.kv_committed_len, req.kv.kv_allocated_len, lengths[i])
-        assert req.cache_protected_len % rt.page_size == 0, (req.rid, req.cache_protected_len)
-        assert req.cache_protected_len <= lengths[i]
+        assert committed_len(req) == allocated_len(req) == lengths[i], \
+            (req.rid, committed_len(req), allocated_len(req), lengths[i])
+        assert protected_len(req) % rt.page_size == 0, (req.rid, protected_len(req))
+        assert protected_len(req) <= lengths[i]
