@@ -7,6 +7,7 @@ ServerArgs (hooks are registered at process start).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Mapping
@@ -95,5 +96,11 @@ def publish(settings: EngineSettings | None) -> None:
 
 
 def from_environment() -> EngineSettings | None:
+    """The published settings; parsed once per distinct value (the verify hook asks on every request)."""
     text = os.environ.get(ENV_VAR)
-    return EngineSettings.from_json(text) if text else None
+    return _parsed(text) if text else None
+
+
+@functools.lru_cache(maxsize=4)
+def _parsed(text: str) -> EngineSettings:
+    return EngineSettings.from_json(text)       # frozen dataclasses: safe to share
