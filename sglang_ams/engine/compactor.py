@@ -268,7 +268,9 @@ class Compactor:
             st.compacted = True
             st.compactions += 1
             if d.credit_parts:
-                st.credit = torch.cat(d.credit_parts, dim=0).clone()
+                # (cat copies: the chunk's selection tensors are not kept alive by views into them)
+                st.credit = torch.cat(d.credit_parts, dim=0)
+                d.credit_parts.clear()
             if st.ring_row:
                 rt.ring.release(pool_idx(d.req), st.ring_row)
                 st.ring_row, st.ring_start, st.ring_lse = 0, -1, True
