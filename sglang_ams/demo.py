@@ -251,7 +251,9 @@ class TaskOutcome:
     task: Task
     policies: dict[str, PolicyConfig]
     results: dict[str, ReferenceResult]
-    seconds: dict[str, float]
+    seconds: dict[str, float]               # per policy, after the prefill
+    prefills: int = 0                       # prefill forwards run (shared by the policies that prefill the same)
+    prefill_seconds: float = 0.0
 
     def answer(self, policy: str) -> str:
         return self.results[policy].text or ""
@@ -280,17 +282,19 @@ def run_inputs(task: Task, cfg: PolicyConfig) -> tuple[list[int], list[int]]:
 def run_task(model, tokenizer, task: Task, policies: dict[str, PolicyConfig],
              stop_ids: set[int]) -> TaskOutcome:
     """Every policy on one task; policies that prefill the same tokens share one prefill forward."""
-    results, seconds, prefills = {}, {}, {}
+    results, seconds, prefills, prefill_seconds = {}, {}, {}, 0.0
     for name, cfg in policies.items():
-        start = time.perf_counter()
         prompt, forced = run_inputs(task, cfg)
         key = (tuple(prompt), cfg.window)
         if key not in prefills:
+            start = time.perf_counter()
             prefills[key] = prefill_reference(model, prompt, cfg.window)
+            prefill_seconds += time.perf_counter() - start
+        start = time.perf_counter()
         results[name] = generate_reference(model, prompt, cfg, task.max_new_tokens, tokenizer=tokenizer,
                                            eos_token_ids=stop_ids, forced_tokens=forced, prefill=prefills[key])
         seconds[name] = time.perf_counter() - start
-    return TaskOutcome(task, policies, results, seconds)
+    return TaskOutcome(task, policies, results, seconds, len(prefills), prefill_seconds)
 
 
 def stop_token_ids(model, tokenizer) -> set[int]:
@@ -340,7 +344,8 @@ def short_answer(outcome: TaskOutcome, policy: str) -> str:
 def format_outcome(outcome: TaskOutcome, width: int = 64) -> str:
     """One prompt, one line per policy (the GSM8K example)."""
     task = outcome.task
-    lines = [f"== {task.name}: {task.description}; prompt {len(task.prompt_ids)} tokens, gold {task.gold}"]
+    lines = [f"== {task.name}: {task.description}; prompt {len(task.prompt_ids)} tokens, gold {task.gold}; "
+             f"{outcome.prefills} shared prefill(s), {outcome.prefill_seconds:.1f} s"]
     lines.append(f"{'policy':<8} {'KV kept / seen':>15} {'peak':>5} {'compact.':>8} {'s':>6}  ok  answer")
     for name, res in outcome.results.items():
         seen = res.prompt_length + len(res.decode_positions)
@@ -373,8 +378,10 @@ def format_needle(outcomes: list[TaskOutcome], budget: float) -> str:
         lines.append(f"{o.task.label:<15} {o.task.gold:<7}" + "".join(f" {c:<22}" for c in cells))
     counts = [f"{sum(o.correct(n) for o in outcomes)}/{len(outcomes)} correct" for n in policies]
     lines.append(f"{'':<23}" + "".join(f" {c:<22}" for c in counts))
-    seconds = [f"{sum(o.seconds[n] for o in outcomes):.0f} s" for n in policies]
+    seconds = [f"{sum(o.seconds[n] for o in outcomes):.0f} s decoding" for n in policies]
     lines.append(f"{'':<23}" + "".join(f" {c:<22}" for c in seconds))
+    lines.append(f"{'':<23} after {sum(o.prefills for o in outcomes)} prefill forwards that the policies share: "
+                 f"{sum(o.prefill_seconds for o in outcomes):.0f} s")
     first = outcomes[0]
     lines += ["", f"(needle N %: share of the needle sentence's (token, layer, head) entries still cached)",
               f"answers to '{first.task.label}' after the given start \"{NEEDLE_ANSWER_PREFIX}\":"]
