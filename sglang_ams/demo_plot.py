@@ -61,7 +61,9 @@ def plot_kept(outcomes: list[TaskOutcome], out: str | os.PathLike, title: str = 
         right.tick_params(length=0)
         correct = sum(o.correct(policy) for o in outcomes)
         ax.set_title(f"{policy}: {correct}/{n} correct", loc="left", fontsize=9, fontweight="bold")
-    axes[-1].set_xlabel("logical token position (prompt, given answer start, generated answer)", fontsize=9)
+    parts = "prompt, given answer start, generated answer" if any(o.task.forced_ids for o in outcomes) \
+        else "prompt, generated answer"
+    axes[-1].set_xlabel(f"logical token position ({parts})", fontsize=9)
     handles = [Patch(fill=False, edgecolor=color, lw=1.4, label=label)
                for span, (color, label) in SPAN_STYLE.items() if any(span in o.task.spans for o in outcomes)]
     handles.append(Line2D([], [], color="grey", lw=1, ls=":", label="end of the prompt"))
