@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--budget", type=_budget, default=0.1,
                       help="KV kept per layer and head: a fraction of each prompt (0.1) or a number of tokens")
     demo.add_argument("--interval", type=_positive, default=None,
-                      help="compaction when the KV reaches budget + this (default: budget / 4, at least the window)")
+                      help="needle: compaction when the KV reaches budget + this (default: budget / 4, >= window)")
     demo.add_argument("--prompts", type=int, default=5, help="needle prompts, depths spread evenly (5; 0: none)")
     demo.add_argument("--needle-tokens", type=_positive, default=1000, help="haystack length in tokens (1000)")
     demo.add_argument("--out", type=Path, default=Path("demo.png"), help="PNG of the kept tokens (demo.png)")

@@ -359,7 +359,8 @@ def describe_settings(outcomes: list[TaskOutcome], budget: float) -> str:
     cfg = outcomes[0].policies["AMS"]
     basis = [len(o.task.prompt_ids) + len(o.task.forced_ids) for o in outcomes]
     share = f"{budget:.0%} of each prompt" if budget < 1 else f"{int(budget)} tokens"
-    window = f"the prompt's last {cfg.window} queries" if cfg.prefill_window else f"the last {cfg.window} decode queries"
+    source = "the prompt's" if cfg.prefill_window else "the decode steps'"
+    window = f"{source} last {cfg.window} queries"
     return (f"KV budget {share}: {cfg.budget} of {basis[0]} tokens per (layer, KV head) "
             + (f"(prompts {min(basis)}-{max(basis)} tokens) " if min(basis) != max(basis) else "")
             + f"+ up to {cfg.interval} before a compaction; scorer {cfg.scorer}; query window: {window}")
