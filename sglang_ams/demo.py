@@ -1,17 +1,26 @@
 """`sglang-ams demo`: full KV, global top-k and AMS side by side on a small real model, on the CPU.
 
-Two prompts, both longer than budget + interval so that compaction really happens:
-  * GSM8K: one test question after a few worked examples from the train split; compaction starts after W decode
-    steps and then runs every `interval` tokens while the model reasons;
-  * needle in a haystack: ~1.5k tokens of Paul Graham essays with a pass key sentence inserted at mid-depth. The
-    answer would come within the first W decode steps, i.e. before the first compaction, so the start of the
-    answer ("I found the important information hidden in the text. The pass key is") is teacher-forced: its first
-    W tokens fill the query window, compaction runs, and the pass key has to come out of the compressed cache.
-Data comes from $SGLANG_AMS_DATA (default: ../shared/data next to the repo or the working directory); without it,
-a built-in question and a synthetic filler text are used, so the demo runs anywhere.
+The default run is the setting where the method's claim shows: needle in a haystack, ~1000 tokens of Paul Graham
+essays with a pass key sentence at five depths (five prompts), a key-only scorer (keydiff) at a budget of 10 % of
+each prompt. Global top-k ranks every token of the sequence against every other and, at that budget, drops the
+needle sentence in most (layer, head) pairs; AMS cuts the sequence into segments of equal attention mass and gives
+every segment a quota, so some of the needle region survives. Measured on the 30-prompt grid these five come from
+(benchmarks/results/quality-qwen2.5-coder-0.5b-cpu/needle-30-prefill-window/): top-k 4/30, AMS 29/30.
 
-The PNG shows, per prompt and policy, which logical positions are still in the cache at the end: the shade is the
-fraction of (layer, KV head) pairs that kept the token.
+The answer would come in the first decode steps, before any compaction, so its start ("I found the important
+information hidden in the text. The pass key is") is given and prefilled with the prompt, as a server receives it
+(one prefill serves all three policies). With the prefill window (PolicyConfig.prefill_window, the engine's
+--ams-prefill-window) the prompt's last W queries fill AMS's query window and it compacts two decode steps later;
+key-only top-k needs no queries and compacts before the first decode step. Either way the pass key has to come
+out of the compressed cache.
+
+--gsm8k adds the older example: one GSM8K test question after a few worked examples, compacted every `interval`
+tokens while the model reasons (budget 256 tokens, snapkv, PolicyConfig defaults).
+
+Data comes from $SGLANG_AMS_DATA (default: ../shared/data next to the repo or the working directory); without it,
+a built-in question and a synthetic filler text are used, so the demo runs anywhere. The PNG (sglang_ams.demo_plot)
+shows, per policy and prompt, which positions are still in the cache at the end: the shade is the fraction of
+(layer, KV head) pairs that kept the token.
 """
 from __future__ import annotations
 
@@ -28,11 +37,20 @@ import torch
 
 from .config import PolicyConfig
 from .data import find_data_dir
-from .reference import ReferenceResult, generate_reference
+from .reference import ReferenceResult, generate_reference, prefill_reference
 
 GSM8K_SHOTS = 3
-NEEDLE_TOKENS = 1500
+GSM8K_BUDGET = 256
+NEEDLE_TOKENS = 1000
 NEEDLE_DEPTH = 0.5
+NEEDLE_PROMPTS = 5
+NEEDLE_SCORER = "keydiff"
+NEEDLE_BUDGET = 0.10                      # fraction of each prompt (+ answer start), or tokens when >= 1
+# The measured CPU needle runs' settings (benchmarks/quality HARNESS_DEFAULTS with --set delta=0.02 --set
+# prefill_window=true; tests/test_reference.py checks they still agree). Sized for budgets of ~100 tokens: with
+# PolicyConfig's defaults (keep_lastn 32, lmin 32) AMS would have room for only a segment or two.
+NEEDLE_SETTINGS = {"window": 8, "sink": 4, "keep_lastn": 16, "lmin": 4, "qmin": 2, "delta": 0.02, "lmax": 1024,
+                   "prefill_window": True}
 
 # GSM8K test question 0 (openai/grade-school-math, MIT), and two worked examples written for this fallback.
 BUILTIN_QUESTION = ("Janet\u2019s ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes "
@@ -52,6 +70,7 @@ NEEDLE_INSTRUCTION = ("There is an important piece of information hidden inside 
 # queries are taken and compaction runs before the model emits the first digit. (Prefixes that repeat the question
 # derail SmolLM2-135M even with full KV.)
 NEEDLE_ANSWER_PREFIX = "I found the important information hidden in the text. The pass key is"
+NEEDLE_QUESTION = "What is the pass key? Answer with the number only."
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -116,6 +135,7 @@ class Task:
     check: Callable[[str], bool]
     max_new_tokens: int
     spans: dict[str, tuple[int, int]]       # named token ranges [start, end) of the prompt, drawn in the PNG
+    label: str = ""                         # short row name in tables and the PNG
 
 
 def _render(tokenizer, turns: list[tuple[str, str]]) -> str:
@@ -165,7 +185,7 @@ def gsm8k_task(tokenizer, data_dir: Path | None, index: int = 0, shots: int = GS
             return False
 
     return Task("gsm8k", f"GSM8K test #{index}, {len(examples)}-shot ({source})", ids, [], gold, check,
-                max_new_tokens, spans)
+                max_new_tokens, spans, f"GSM8K #{index}")
 
 
 def needle_task(tokenizer, data_dir: Path | None, context_tokens: int = NEEDLE_TOKENS,
@@ -176,30 +196,64 @@ def needle_task(tokenizer, data_dir: Path | None, context_tokens: int = NEEDLE_T
     cut = context.find(". ", int(len(context) * depth))
     cut = len(context) if cut < 0 else cut + 2
     context = f"{context[:cut]}{needle} {context[cut:]}"
-    user = f"{NEEDLE_INSTRUCTION}\n\n{context}\n\nWhat is the pass key? Answer with the number only."
-    ids, spans = _encode_with_spans(tokenizer, _render(tokenizer, [("user", user)]), {"needle": needle})
+    user = f"{NEEDLE_INSTRUCTION}\n\n{context}\n\n{NEEDLE_QUESTION}"
+    ids, spans = _encode_with_spans(tokenizer, _render(tokenizer, [("user", user)]),
+                                    {"needle": needle, "question": NEEDLE_QUESTION})
     forced = tokenizer(NEEDLE_ANSWER_PREFIX, add_special_tokens=False)["input_ids"]
     return Task("needle", f"pass key at depth {depth:.0%} of ~{context_tokens} tokens ({source})", ids,
-                list(forced), passkey, lambda answer: passkey in answer, max_new_tokens, spans)
+                list(forced), passkey, lambda answer: passkey in answer, max_new_tokens, spans,
+                f"needle at {depth:.0%}")
+
+
+def needle_prompts(tokenizer, data_dir: Path | None, count: int = NEEDLE_PROMPTS,
+                   context_tokens: int = NEEDLE_TOKENS) -> list[Task]:
+    """`count` needle prompts at evenly spread depths ((i + 0.5) / count). Pass keys cycle through seeds 0-2, so
+    the five default prompts are points of the measured 30-prompt grid (2 lengths x 5 depths x 3 keys)."""
+    return [needle_task(tokenizer, data_dir, context_tokens, depth=(i + 0.5) / count, seed=i % 3)
+            for i in range(count)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Running and reporting
+# Policies
 
-def demo_policies(budget: int, interval: int) -> dict[str, PolicyConfig]:
-    base = PolicyConfig(policy="none", budget=budget, interval=interval, scorer="snapkv")
+def default_interval(budget: int, window: int | None = None) -> int:
+    return max(window or PolicyConfig().window, budget // 4)
+
+
+def demo_policies(budget: int, interval: int | None = None, scorer: str = "snapkv",
+                  **settings) -> dict[str, PolicyConfig]:
+    """Full KV, global top-k and AMS with one budget, interval, scorer and settings."""
+    interval = interval or default_interval(budget, settings.get("window"))
+    base = PolicyConfig(policy="none", budget=budget, interval=interval, scorer=scorer, **settings)
     return {"full KV": base, "top-k": base.replace(policy="topk"), "AMS": base.replace(policy="ams")}
 
 
-def default_interval(budget: int) -> int:
-    return max(PolicyConfig().window, budget // 4)
+def budget_tokens(budget: float, basis: int, settings: dict = NEEDLE_SETTINGS) -> int:
+    """A budget below 1 is a fraction of `basis` tokens (rounded, as the quality harness does), else a token count;
+    never below the smallest valid budget (sink + keep_lastn + 1)."""
+    floor = settings["sink"] + settings["keep_lastn"] + 1
+    tokens = int(round(budget * basis)) if budget < 1 else int(budget)
+    return max(floor, tokens)
 
+
+def needle_policies(task: Task, scorer: str = NEEDLE_SCORER, budget: float = NEEDLE_BUDGET,
+                    interval: int | None = None) -> dict[str, PolicyConfig]:
+    """The needle runs' policies for one prompt: the budget refers to the prompt plus the forced answer start."""
+    tokens = budget_tokens(budget, len(task.prompt_ids) + len(task.forced_ids))
+    return demo_policies(tokens, interval, scorer, **NEEDLE_SETTINGS)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running
 
 @dataclasses.dataclass
 class TaskOutcome:
     task: Task
+    policies: dict[str, PolicyConfig]
     results: dict[str, ReferenceResult]
-    seconds: dict[str, float]
+    seconds: dict[str, float]               # per policy, after the prefill
+    prefills: int = 0                       # prefill forwards run (shared by the policies that prefill the same)
+    prefill_seconds: float = 0.0
 
     def answer(self, policy: str) -> str:
         return self.results[policy].text or ""
@@ -207,16 +261,40 @@ class TaskOutcome:
     def correct(self, policy: str) -> bool:
         return self.task.check(self.answer(policy))
 
+    def span_kept(self, policy: str, span: str) -> float | None:
+        """Mean fraction of (layer, KV head) pairs keeping the tokens of a marked span at the end."""
+        if span not in self.task.spans:
+            return None
+        start, end = self.task.spans[span]
+        return float(survival(self.results[policy])[start:end].mean())
+
+
+def run_inputs(task: Task, cfg: PolicyConfig) -> tuple[list[int], list[int]]:
+    """(tokens prefilled, tokens forced in decode steps) for one policy. The answer start is prefilled with the
+    prompt, as a server receives it, unless the policy reads window queries and has no prefill window: then its
+    first W tokens are decoded to fill the window, so that compaction runs before the model answers. Policies that
+    prefill the same tokens share one prefill forward (the demo's main cost on a CPU)."""
+    if cfg.enabled and cfg.needs_queries and not cfg.prefill_window:
+        return task.prompt_ids, task.forced_ids
+    return task.prompt_ids + task.forced_ids, []
+
 
 def run_task(model, tokenizer, task: Task, policies: dict[str, PolicyConfig],
              stop_ids: set[int]) -> TaskOutcome:
-    results, seconds = {}, {}
+    """Every policy on one task; policies that prefill the same tokens share one prefill forward."""
+    results, seconds, prefills, prefill_seconds = {}, {}, {}, 0.0
     for name, cfg in policies.items():
+        prompt, forced = run_inputs(task, cfg)
+        key = (tuple(prompt), cfg.window)
+        if key not in prefills:
+            start = time.perf_counter()
+            prefills[key] = prefill_reference(model, prompt, cfg.window)
+            prefill_seconds += time.perf_counter() - start
         start = time.perf_counter()
-        results[name] = generate_reference(model, task.prompt_ids, cfg, task.max_new_tokens, tokenizer=tokenizer,
-                                           eos_token_ids=stop_ids, forced_tokens=task.forced_ids)
+        results[name] = generate_reference(model, prompt, cfg, task.max_new_tokens, tokenizer=tokenizer,
+                                           eos_token_ids=stop_ids, forced_tokens=forced, prefill=prefills[key])
         seconds[name] = time.perf_counter() - start
-    return TaskOutcome(task, results, seconds)
+    return TaskOutcome(task, policies, results, seconds, len(prefills), prefill_seconds)
 
 
 def stop_token_ids(model, tokenizer) -> set[int]:
@@ -244,14 +322,30 @@ def survival(result: ReferenceResult) -> torch.Tensor:
     return frac
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Reporting
+
 def _one_line(text: str, width: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= width else text[:width - 1] + "\u2026"
 
 
+RIGHT, WRONG = "\u2713", "\u2717"
+
+
+def short_answer(outcome: TaskOutcome, policy: str) -> str:
+    """The pass key / final number the answer gives, and a mark (the PNG shows it: digits only, no odd glyphs)."""
+    text = outcome.answer(policy)
+    found = re.search(r"\d+", text) if outcome.task.name == "needle" else None
+    value = found.group(0) if found else (_last_number(text) or "(no number)")
+    return f"{value} {RIGHT if outcome.correct(policy) else WRONG}"
+
+
 def format_outcome(outcome: TaskOutcome, width: int = 64) -> str:
+    """One prompt, one line per policy (the GSM8K example)."""
     task = outcome.task
-    lines = [f"== {task.name}: {task.description}; prompt {len(task.prompt_ids)} tokens, gold {task.gold}"]
+    lines = [f"== {task.name}: {task.description}; prompt {len(task.prompt_ids)} tokens, gold {task.gold}; "
+             f"{outcome.prefills} shared prefill(s), {outcome.prefill_seconds:.1f} s"]
     lines.append(f"{'policy':<8} {'KV kept / seen':>15} {'peak':>5} {'compact.':>8} {'s':>6}  ok  answer")
     for name, res in outcome.results.items():
         seen = res.prompt_length + len(res.decode_positions)
@@ -261,74 +355,93 @@ def format_outcome(outcome: TaskOutcome, width: int = 64) -> str:
     return "\n".join(lines)
 
 
-def plot_survival(outcomes: list[TaskOutcome], budget: int, interval: int, out: str | os.PathLike,
-                  title: str = "") -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def describe_settings(outcomes: list[TaskOutcome], budget: float) -> str:
+    cfg = outcomes[0].policies["AMS"]
+    basis = [len(o.task.prompt_ids) + len(o.task.forced_ids) for o in outcomes]
+    share = f"{budget:.0%} of each prompt" if budget < 1 else f"{int(budget)} tokens"
+    source = "the prompt's" if cfg.prefill_window else "the decode steps'"
+    window = f"{source} last {cfg.window} queries"
+    return (f"KV budget {share}: {cfg.budget} of {basis[0]} tokens per (layer, KV head) "
+            + (f"(prompts {min(basis)}-{max(basis)} tokens) " if min(basis) != max(basis) else "")
+            + f"+ up to {cfg.interval} before a compaction; scorer {cfg.scorer}; query window: {window}")
 
-    fig, axes = plt.subplots(len(outcomes), 1, figsize=(12, 1.6 + 1.3 * len(outcomes) * 1.6), squeeze=False)
-    image = None
-    for ax, outcome in zip(axes[:, 0], outcomes):
-        names = list(outcome.results)
-        rows = [survival(outcome.results[n]) for n in names]
-        width = max(r.numel() for r in rows)
-        grid = torch.full((len(rows), width), float("nan"))
-        for i, r in enumerate(rows):
-            grid[i, :r.numel()] = r
-        image = ax.imshow(grid.numpy(), aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=1,
-                          extent=(0, width, len(rows) - 0.5, -0.5))
-        ax.set_yticks(range(len(rows)))
-        ax.set_yticklabels([f"{n} ({'ok' if outcome.correct(n) else 'wrong'})" for n in names])
-        prompt_len = len(outcome.task.prompt_ids)
-        ax.axvline(prompt_len, color="white", lw=1.2, ls="--")
-        ax.text(prompt_len, -0.6, " generation \u2192", color="black", fontsize=8, va="bottom")
-        for label, (start, end) in outcome.task.spans.items():
-            ax.axvspan(start, end, color="red", alpha=0.25, lw=0)
-            ax.text((start + end) / 2, len(rows) - 0.45, label, color="red", fontsize=8, ha="center", va="top")
-        ax.set_title(f"{outcome.task.name}: {outcome.task.description}", fontsize=9)
-        ax.set_xlabel("logical token position")
-    fig.suptitle(f"{title}KV kept at the end of generation, budget {budget} + interval {interval} "
-                 "(shade: fraction of layer/KV-head pairs keeping the token)", fontsize=10)
-    fig.colorbar(image, ax=axes[:, 0].tolist(), fraction=0.02, pad=0.01)
-    out = Path(out)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+
+def format_needle(outcomes: list[TaskOutcome], budget: float) -> str:
+    """Per prompt the answer of every policy and how much of the needle it kept; the counts; one full answer each."""
+    policies = list(outcomes[0].results)
+    task = outcomes[0].task
+    source = task.description[task.description.rfind("(") + 1:-1]
+    lines = [f"== needle in a haystack: {len(outcomes)} prompts of {len(task.prompt_ids)} tokens ({source})",
+             describe_settings(outcomes, budget), "",
+             f"{'prompt':<15} {'gold':<7}" + "".join(f" {n:<22}" for n in policies)]
+    for o in outcomes:
+        cells = [f"{short_answer(o, n)} (needle {o.span_kept(n, 'needle'):.0%})" for n in policies]
+        lines.append(f"{o.task.label:<15} {o.task.gold:<7}" + "".join(f" {c:<22}" for c in cells))
+    counts = [f"{sum(o.correct(n) for o in outcomes)}/{len(outcomes)} correct" for n in policies]
+    lines.append(f"{'':<23}" + "".join(f" {c:<22}" for c in counts))
+    seconds = [f"{sum(o.seconds[n] for o in outcomes):.0f} s decoding" for n in policies]
+    lines.append(f"{'':<23}" + "".join(f" {c:<22}" for c in seconds))
+    lines.append(f"{'':<23} after {sum(o.prefills for o in outcomes)} prefill forwards that the policies share: "
+                 f"{sum(o.prefill_seconds for o in outcomes):.0f} s")
+    first = outcomes[0]
+    lines += ["", f"(needle N %: share of the needle sentence's (token, layer, head) entries still cached)",
+              f"answers to '{first.task.label}' after the given start \"{NEEDLE_ANSWER_PREFIX}\":"]
+    lines += [f"  {n:<8} {first.answer(n)!r}" for n in policies]
+    return "\n".join(lines)
 
 
 @dataclasses.dataclass
 class DemoReport:
-    outcomes: list[TaskOutcome]
-    png: Path | None
+    needle: list[TaskOutcome]
+    gsm8k: TaskOutcome | None
+    pngs: list[Path]
     text: str
 
+    def counts(self) -> dict[str, int]:
+        """Correct needle answers per policy."""
+        names = list(self.needle[0].results) if self.needle else []
+        return {n: sum(o.correct(n) for o in self.needle) for n in names}
 
-def run_demo(model, tokenizer, budget: int = 256, interval: int | None = None, out: str | os.PathLike | None =
-             "demo.png", tasks: tuple[str, ...] = ("gsm8k", "needle"), data_dir: Path | None = None,
-             needle_tokens: int = NEEDLE_TOKENS, gsm8k_new_tokens: int = 256, gsm8k_index: int = 0,
-             title: str = "",
+
+def run_demo(model, tokenizer, scorer: str = NEEDLE_SCORER, budget: float = NEEDLE_BUDGET,
+             interval: int | None = None, prompts: int = NEEDLE_PROMPTS, needle_tokens: int = NEEDLE_TOKENS,
+             gsm8k: bool = False, out: str | os.PathLike | None = "demo.png", data_dir: Path | None = None,
+             title: str = "", gsm8k_index: int = 0, gsm8k_new_tokens: int = 256,
              echo: Callable[[str], None] = print) -> DemoReport:
-    """Run every task under full KV, global top-k and AMS (SnapKV scores) with an already-loaded model."""
-    interval = interval or default_interval(budget)
-    policies = demo_policies(budget, interval)
+    """The needle prompts under full KV, global top-k and AMS (and, with gsm8k, the GSM8K example), with an
+    already-loaded model; writes the PNG(s) when `out` is given."""
+    from .demo_plot import plot_kept
     data_dir = data_dir if data_dir is not None else find_data_dir()
-    builders = {"gsm8k": lambda: gsm8k_task(tokenizer, data_dir, gsm8k_index, max_new_tokens=gsm8k_new_tokens),
-                "needle": lambda: needle_task(tokenizer, data_dir, needle_tokens)}
-    unknown = set(tasks) - set(builders)
-    if unknown:
-        raise ValueError(f"unknown demo task(s) {sorted(unknown)}; known: {', '.join(builders)}")
     stops = stop_token_ids(model, tokenizer)
-    outcomes, blocks = [], []
-    for name in tasks:
-        outcome = run_task(model, tokenizer, builders[name](), policies, stops)
-        outcomes.append(outcome)
-        blocks.append(format_outcome(outcome))
+    tasks = needle_prompts(tokenizer, data_dir, prompts, needle_tokens) if prompts else []
+    for task in tasks:      # every config is checked before the first (slow) run
+        needle_policies(task, scorer, budget, interval)
+    needle = []
+    for i, task in enumerate(tasks):
+        echo(f"prompt {i + 1}/{len(tasks)} ({task.label}, {len(task.prompt_ids)} tokens): "
+             + ", ".join(needle_policies(task, scorer, budget, interval)) + " ...")
+        needle.append(run_task(model, tokenizer, task, needle_policies(task, scorer, budget, interval), stops))
+    blocks, pngs = [], []
+    if needle:
+        blocks.append(format_needle(needle, budget))
         echo(blocks[-1])
-    png = plot_survival(outcomes, budget, interval, out, title) if out else None
-    if png:
+        if out:
+            pngs.append(plot_kept(needle, out, f"{title}needle in a haystack, {len(needle)} prompts: which tokens "
+                                  f"each policy still caches at the end\n{describe_settings(needle, budget)}"))
+    math = None
+    if gsm8k:
+        task = gsm8k_task(tokenizer, data_dir, gsm8k_index, max_new_tokens=gsm8k_new_tokens)
+        echo(f"GSM8K example ({task.description}): full KV, top-k, AMS ...")
+        math = run_task(model, tokenizer, task, demo_policies(GSM8K_BUDGET, scorer="snapkv"), stops)
+        blocks.append(format_outcome(math))
+        echo(blocks[-1])
+        if out:
+            path = Path(out)
+            pngs.append(plot_kept([math], path.with_name(f"{path.stem}-gsm8k{path.suffix}"),
+                                  f"{title}GSM8K, budget {GSM8K_BUDGET} tokens, snapkv"))
+    for png in pngs:
         echo(f"wrote {png}")
-    return DemoReport(outcomes, png, "\n".join(blocks))
+    return DemoReport(needle, math, pngs, "\n".join(blocks))
 
 
 def load_model(name: str, dtype: torch.dtype = torch.float32, progress: bool = True):

@@ -271,6 +271,47 @@ class _Compactor:
         return kv.positions.cpu()
 
 
+@dataclasses.dataclass
+class Prefill:
+    """One prompt's prefill forward, to start several generate_reference calls on the same tokens without running
+    it again (the demo runs three policies per prompt). It holds what the forward leaves behind: the prompt's K/V,
+    the token it predicts, and the ring a prefill window starts with (the prompt's last W queries)."""
+    input_ids: torch.Tensor               # [1, T]
+    keys: list[torch.Tensor]              # per layer [1, H, T, d]
+    values: list[torch.Tensor]
+    queries: torch.Tensor                 # [L, Hq, W, d]: _QueryRing.buf after a prefill-window prefill
+    predicted: int
+
+    def restore(self, kv: _CompactedCache, ring: _QueryRing | None, prompt: torch.Tensor) -> int:
+        """Put the prefill into a fresh cache (and ring); return the predicted token, as _forward would."""
+        if not torch.equal(prompt.cpu(), self.input_ids.cpu()):
+            raise ValueError("this Prefill was made from other tokens than the prompt (+ prefilled answer start)")
+        if ring is not None:
+            if ring.buf.shape != self.queries.shape:
+                raise ValueError(f"this Prefill holds {self.queries.shape[2]} window queries; the policy needs "
+                                 f"{ring.buf.shape[2]} (make it with window=cfg.window)")
+            ring.buf.copy_(self.queries)
+        for layer_idx, (keys, values) in enumerate(zip(self.keys, self.values)):
+            kv.cache.update(keys, values, layer_idx)          # concatenates onto an empty layer: a copy
+        kv.appended(torch.arange(prompt.shape[1], device=kv.device))
+        return self.predicted
+
+
+@torch.inference_mode()
+def prefill_reference(model, input_ids: Sequence[int] | torch.Tensor, window: int = PolicyConfig.window) -> Prefill:
+    """The prefill generate_reference runs for `input_ids` (with the answer start appended when the policy
+    prefills it), recorded for reuse: pass it as generate_reference(..., prefill=...) with the same tokens."""
+    prompt = _prompt_tensor(input_ids).to(model.device)
+    num_layers, num_q_heads, num_kv_heads, head_dim = _model_shape(model)
+    kv = _CompactedCache(model, num_layers, num_kv_heads)
+    ring = _QueryRing(num_layers, num_q_heads, window, head_dim, model.dtype, model.device)
+    ring.steps, ring.prefill = prompt.shape[1], True
+    with _recording_queries(model):
+        predicted = _forward(model, kv, prompt, torch.arange(prompt.shape[1], device=model.device), ring)
+    return Prefill(prompt, [layer.keys for layer in kv.cache.layers], [layer.values for layer in kv.cache.layers],
+                   ring.buf, predicted)
+
+
 def _forward(model, kv: _CompactedCache, tokens: torch.Tensor, positions: torch.Tensor, ring):
     extra = {} if ring is None else {_RING_KWARG: ring}
     mask = torch.ones(1, kv.physical_length + tokens.shape[1], dtype=torch.long, device=kv.device)
@@ -284,7 +325,7 @@ def _forward(model, kv: _CompactedCache, tokens: torch.Tensor, positions: torch.
 def generate_reference(model, input_ids: Sequence[int] | torch.Tensor, cfg: PolicyConfig,
                        max_new_tokens: int, tokenizer=None,
                        eos_token_ids: int | Iterable[int] | None = None,
-                       forced_tokens: Sequence[int] = ()) -> ReferenceResult:
+                       forced_tokens: Sequence[int] = (), prefill: Prefill | None = None) -> ReferenceResult:
     """Greedy generation of one prompt under a KV policy.
 
     eos_token_ids: generation stops after emitting one of these (default: model.generation_config's, like
@@ -294,6 +335,8 @@ def generate_reference(model, input_ids: Sequence[int] | torch.Tensor, cfg: Poli
     they are not part of token_ids. With cfg.prefill_window they are prefilled with the prompt instead (as a
     server receives them) and the prompt's last W queries start the window: the first compaction may run after
     MIN_DECODE_STEPS decode steps, as in the engine.
+    prefill: a prefill_reference of the tokens this call prefills (the prompt, plus forced_tokens with a prefill
+    window), used instead of running that forward again; the result is the same.
     """
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
@@ -324,8 +367,11 @@ def generate_reference(model, input_ids: Sequence[int] | torch.Tensor, cfg: Poli
         ring.steps, ring.prefill = logical, True
 
     with _recording_queries(model):
-        predicted = _forward(model, kv, prompt, torch.arange(logical, device=device),
-                             ring if prefill_window else None)
+        if prefill is None:
+            predicted = _forward(model, kv, prompt, torch.arange(logical, device=device),
+                                 ring if prefill_window else None)
+        else:
+            predicted = prefill.restore(kv, ring if prefill_window else None, prompt)
         if ring is not None:
             ring.prefill = False
         kv_lengths = [kv.physical_length]

@@ -216,6 +216,31 @@ def test_prefill_window_starts_the_window_with_the_prompt_tail(monkeypatch):
     assert short.compactions[0].step == 21 + 8 - 5
 
 
+def test_a_shared_prefill_gives_the_same_run():
+    """prefill_reference + generate_reference(prefill=...) is the run without it: tokens, kept positions, credit
+    (AMS with a prefill window reads the restored ring), for every policy that may share a prefill."""
+    model = tiny_model("qwen2")
+    ids, forced = prompt(80), [5, 6, 7, 8, 9, 10, 11, 12, 13, 14]
+    full = torch.cat([ids, torch.tensor([forced])], dim=1)
+    cases = [(small_policy("ams", prefill_window=True), ids, forced, full),
+             (small_policy("topk", scorer="keydiff", prefill_window=True), ids, forced, ids),
+             (small_policy("ams"), ids, forced, ids), (PolicyConfig(), full, [], full)]
+    for cfg, run_prompt, run_forced, prefilled in cases:
+        shared = reference.prefill_reference(model, prefilled, cfg.window)
+        for _ in range(2):                                       # a Prefill is not used up by a run
+            got = generate_reference(model, run_prompt, cfg, 30, forced_tokens=run_forced, prefill=shared)
+            want = generate_reference(model, run_prompt, cfg, 30, forced_tokens=run_forced)
+            assert got.token_ids == want.token_ids and got.kv_lengths == want.kv_lengths
+            assert len(got.compactions) == len(want.compactions) > (0 if cfg.enabled else -1)
+            for a, b in zip(got.compactions, want.compactions):
+                assert a.step == b.step and torch.equal(a.kept, b.kept)
+    with pytest.raises(ValueError, match="other tokens"):
+        generate_reference(model, ids, PolicyConfig(), 5, prefill=reference.prefill_reference(model, full))
+    with pytest.raises(ValueError, match="window queries"):
+        generate_reference(model, full, small_policy("ams", prefill_window=True, window=16), 5,
+                           prefill=reference.prefill_reference(model, full, window=8))
+
+
 def test_rotary_embedding_sees_logical_positions():
     model = tiny_model("qwen2")
     seen = []
@@ -402,12 +427,19 @@ def test_demo_tasks_mark_their_spans(tmp_path):
     needle = demo.needle_task(tok, data, context_tokens=400)
     start, end = needle.spans["needle"]
     assert needle.gold in tok.decode(needle.prompt_ids[start:end])
+    start, end = needle.spans["question"]
+    assert tok.decode(needle.prompt_ids[start:end]) == demo.NEEDLE_QUESTION and end > needle.spans["needle"][1]
     assert 400 <= len(needle.prompt_ids) < 700 and "essay" in needle.description
     assert tok.decode(needle.forced_ids) == demo.NEEDLE_ANSWER_PREFIX
 
     missing = demo.needle_task(tok, tmp_path / "absent", context_tokens=300)
     assert "synthetic" in missing.description and "The grass is green" in tok.decode(missing.prompt_ids)
     assert "built-in" in demo.gsm8k_task(tok, None).description
+
+    prompts = demo.needle_prompts(tok, data, count=5, context_tokens=300)
+    assert [p.label for p in prompts] == [f"needle at {d}%" for d in (10, 30, 50, 70, 90)]
+    assert [p.gold for p in prompts] == [demo.needle_task(tok, data, 300, seed=s).gold for s in (0, 1, 2, 0, 1)]
+    assert len({p.spans["needle"] for p in prompts}) == 5
 
 
 def test_find_data_dir_honours_env(tmp_path, monkeypatch):
@@ -417,33 +449,78 @@ def test_find_data_dir_honours_env(tmp_path, monkeypatch):
     assert demo.find_data_dir() is None
 
 
+def test_demo_needle_settings_are_the_measured_ones():
+    """The demo's policies are the quality harness's for the measured needle runs (needle-30-prefill-window)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "quality"))
+    import qb_harness as H
+    tok = byte_tokenizer(chat=True)
+    overrides = (("delta", 0.02), ("prefill_window", True))
+    for task in demo.needle_prompts(tok, None, count=2, context_tokens=500):
+        basis = len(task.prompt_ids) + len(task.forced_ids)
+        for fraction in (0.1, 0.25):
+            policies = demo.needle_policies(task, "keydiff", fraction)
+            for name, policy in (("top-k", "topk"), ("AMS", "ams")):
+                assert policies[name] == H.PolicySpec(policy, "keydiff", fraction, overrides).config(basis)
+            assert policies["full KV"].policy == "none" and policies["full KV"].budget == policies["AMS"].budget
+    assert demo.budget_tokens(0.1, 1086) == 109 and demo.budget_tokens(64, 1086) == 64
+    assert demo.budget_tokens(0.001, 1086) == 21                       # sink 4 + keep_lastn 16 + 1
+
+
 def test_run_demo_on_tiny_model(tmp_path):
+    """The demo's whole code path (needle prompts, --gsm8k, the table, both PNGs) on a tiny random model."""
+    from sglang_ams.engine.admission import MIN_DECODE_STEPS
     model, tok = tiny_model("llama"), byte_tokenizer()
     lines = []
-    report = demo.run_demo(model, tok, budget=64, interval=16, out=tmp_path / "demo.png", data_dir=tmp_path / "none",
-                           needle_tokens=300, gsm8k_new_tokens=24, echo=lines.append)
-    assert report.png.is_file() and report.png.stat().st_size > 10_000
-    assert [o.task.name for o in report.outcomes] == ["gsm8k", "needle"]
-    for outcome in report.outcomes:
+    report = demo.run_demo(model, tok, scorer="keydiff", budget=0.1, prompts=2, needle_tokens=300, gsm8k=True,
+                           out=tmp_path / "demo.png", data_dir=tmp_path / "none", gsm8k_new_tokens=24,
+                           echo=lines.append)
+    assert [p.name for p in report.pngs] == ["demo.png", "demo-gsm8k.png"]
+    assert all(p.is_file() and p.stat().st_size > 10_000 for p in report.pngs)
+    assert len(report.needle) == 2 and report.gsm8k.task.name == "gsm8k"
+    for outcome in report.needle + [report.gsm8k]:
         assert list(outcome.results) == ["full KV", "top-k", "AMS"]
         assert outcome.results["full KV"].num_compactions == 0
         assert outcome.results["AMS"].num_compactions > 0 and outcome.results["top-k"].num_compactions > 0
-        assert outcome.results["AMS"].final_kv_length <= 64 + 16
+        cfg = outcome.policies["AMS"]
+        assert outcome.results["AMS"].final_kv_length <= cfg.budget + cfg.interval
         frac = demo.survival(outcome.results["AMS"])
-        assert frac.numel() == len(outcome.task.prompt_ids) + len(outcome.results["AMS"].decode_positions)
+        assert frac.numel() == outcome.results["AMS"].prompt_length + len(outcome.results["AMS"].decode_positions)
         assert 0 <= frac.min() and frac.max() <= 1 and frac.mean() < 1
-    assert "full KV" in lines[0] and "AMS" in lines[0] and lines[-1].startswith("wrote")
+    for outcome in report.needle:
+        cfg = outcome.policies["top-k"]
+        assert (cfg.scorer, cfg.prefill_window, cfg.delta) == ("keydiff", True, 0.02)
+        assert cfg.budget == round(0.1 * (len(outcome.task.prompt_ids) + len(outcome.task.forced_ids)))
+        prefilled = len(outcome.task.prompt_ids) + len(outcome.task.forced_ids)   # one prefill for all three
+        assert {r.prompt_length for r in outcome.results.values()} == {prefilled}
+        assert outcome.results["AMS"].compactions[0].step == MIN_DECODE_STEPS
+        assert outcome.results["top-k"].compactions[0].step == 0
+        assert outcome.span_kept("full KV", "needle") == 1 and 0 <= outcome.span_kept("AMS", "needle") < 1
+    decode_window = demo.needle_policies(report.needle[0].task)["AMS"].replace(prefill_window=False)
+    assert demo.run_inputs(report.needle[0].task, decode_window) == (report.needle[0].task.prompt_ids,
+                                                                      report.needle[0].task.forced_ids)
+    assert report.gsm8k.policies["AMS"].budget == demo.GSM8K_BUDGET
+    counts = report.counts()
+    assert list(counts) == ["full KV", "top-k", "AMS"] and all(0 <= c <= 2 for c in counts.values())
+    text = "\n".join(lines)
+    for name, count in counts.items():
+        assert f"{count}/2 correct" in text
+    assert "needle at 25%" in text and "needle at 75%" in text and "scorer keydiff" in text
+    assert lines[-1].startswith("wrote") and "demo-gsm8k.png" in lines[-1]
 
 
 def test_cli_parsing():
     parser = cli.build_parser()
-    args = parser.parse_args(["demo", "--budget", "128", "--tasks", "needle", "--out", "x.png"])
-    assert (args.command, args.budget, args.tasks, args.model, args.interval) == ("demo", 128, ("needle",),
-                                                                                   "smollm2-135m", None)
+    args = parser.parse_args(["demo"])
+    assert (args.command, args.model, args.scorer, args.budget, args.prompts, args.gsm8k, args.interval) == (
+        "demo", "qwen2.5-coder-0.5b", "keydiff", 0.1, 5, False, None)
+    args = parser.parse_args(["demo", "--budget", "128", "--scorer", "random", "--gsm8k", "--out", "x.png"])
+    assert (args.budget, args.scorer, args.gsm8k, str(args.out)) == (128, "random", True, "x.png")
     args = parser.parse_args(["model", "build", "qwen2.5-coder-0.5b", "--quiet"])
     assert (args.command, args.model_command, args.name, args.quiet) == ("model", "build", "qwen2.5-coder-0.5b", True)
-    for bad in (["demo", "--budget", "0"], ["demo", "--tasks", "mmlu"], ["model", "build", "gpt-5"],
-                ["demo", "--model", "qwen2.5-coder-1.5b"], []):
+    for bad in (["demo", "--budget", "0"], ["demo", "--budget", "1.5"], ["demo", "--scorer", "mmlu"],
+                ["model", "build", "gpt-5"], ["demo", "--model", "qwen2.5-coder-1.5b"], []):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
 
@@ -451,10 +528,17 @@ def test_cli_parsing():
 def test_cli_demo_and_model_commands(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(demo, "load_model", lambda name, dtype=None: (tiny_model("qwen2"), byte_tokenizer()))
     monkeypatch.setenv("SGLANG_AMS_DATA", str(tmp_path / "no-data"))
+    built = []
+    monkeypatch.setattr(models, "is_built", lambda name, cache_dir=None: name in built)
+    monkeypatch.setattr(models, "build_model", lambda name, cache_dir=None, progress=True: built.append(name))
     out = tmp_path / "d.png"
-    assert cli.main(["demo", "--budget", "64", "--interval", "16", "--tasks", "needle", "--needle-tokens", "200",
-                     "--out", str(out)]) == 0
-    assert out.is_file() and "needle" in capsys.readouterr().out
+    assert cli.main(["demo", "--prompts", "1", "--needle-tokens", "200", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert out.is_file() and built == ["qwen2.5-coder-0.5b"]
+    assert "first use: downloading qwen2.5-coder-0.5b" in printed and "built in" in printed
+    assert "needle at 50%" in printed and "demo took" in printed
+    assert cli.main(["demo", "--prompts", "1", "--needle-tokens", "200", "--out", str(out)]) == 0
+    assert "first use" not in capsys.readouterr().out and built == ["qwen2.5-coder-0.5b"]
     with pytest.raises(SystemExit):                      # interval shorter than the query window: clear error
         cli.main(["demo", "--budget", "64", "--interval", "4", "--out", str(out)])
     assert "kv_interval" in capsys.readouterr().err
