@@ -37,6 +37,8 @@ for phase in "$@"; do
     python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$KIT_SITE" .gpu/plugin/*.whl \
       > "$OUT/pip.log" 2>&1 || { cat "$OUT/pip.log"; exit 1; }
     python3 .gpu/sglang-kit/tools/mkmodel.py "$MODEL" 8b > /dev/null
+    # JIT caches of the 8B shape on an H200 (saved 2026-12-01; head_dim 128 otherwise compiles ~210 s)
+    bash .gpu/sglang-kit/tools/jit-cache.sh restore tests/gpu/jit-h200 > /dev/null
     python3 benchmarks/serving_model.py tokenizer "$MODEL" --vocab-size 32000 --max-positions 32768 || exit 1
     ds=$(python3 -c "import datasets" 2>/dev/null && echo real || echo "stand-in (benchmarks/serving_shim)")
     say "setup: plugin $(python3 -c 'import importlib.metadata as m; print(m.version("sglang-ams"))'), model $MODEL, datasets: $ds";;

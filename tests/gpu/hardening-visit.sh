@@ -2,7 +2,7 @@
 # The hardening proof on the GPU machine (tests/gpu/hardening.py), with the SGLang kit of ../shared/gpu:
 #   run 1: bash .gpu/sglang-kit/c1/unpack.sh                                  (carry .gpu/sglang-kit/c1)
 #   run 2: bash .gpu/sglang-kit/c2/unpack.sh && bash tests/gpu/hardening-visit.sh setup run CONFIGS
-#          (carry .gpu/sglang-kit/c2, .gpu/sglang-kit/tools, .gpu/sglang-kit/jit, .gpu/plugin)
+#          (carry .gpu/sglang-kit/c2, .gpu/sglang-kit/tools, .gpu/plugin; the JIT caches come from tests/gpu/jit-h200)
 #   later: bash tests/gpu/hardening-visit.sh run CONFIGS | soak-start SECONDS | soak-wait SECONDS | savejit
 # Model: dummy-weight Llama-3-8B shape with a 32768-token context (the prompts are 12k-16k tokens).
 set -uo pipefail
@@ -18,6 +18,8 @@ while [ $# -gt 0 ]; do
     python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$KIT_SITE" .gpu/plugin/*.whl \
       > "$OUT/pip.log" 2>&1 || { cat "$OUT/pip.log"; exit 1; }
     python3 .gpu/sglang-kit/tools/mkmodel.py "$MODEL" 8b
+    # JIT caches of the 8B shape on an H200 (saved 2026-12-01; head_dim 128 otherwise compiles ~210 s)
+    bash .gpu/sglang-kit/tools/jit-cache.sh restore tests/gpu/jit-h200 > /dev/null
     python3 -c "import json,sys; p=sys.argv[1]+'/config.json'; c=json.load(open(p)); c['max_position_embeddings']=32768; json.dump(c,open(p,'w'))" "$MODEL"
     shift;;
   run)
