@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from sglang_ams.engine import request_state
 from sglang_ams.engine import sglang_compat as compat
 from sglang_ams.engine import ring as ams_ring
@@ -86,7 +84,7 @@ def _kv_dims(model_config, kv_dtype) -> dict:
     heads = max(1, model_config.num_key_value_heads)
     head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
     return dict(num_kv_heads=heads, group=model_config.num_attention_heads // heads, head_dim=head_dim,
-                elem_size=torch.empty((), dtype=kv_dtype).element_size())
+                elem_size=kv_dtype.itemsize)
 
 
 def workspace_bound(settings, dims: dict, context_len: int, kv_bytes: int) -> int:
@@ -149,7 +147,7 @@ def alloc_memory_pool_hook(result, self, *args, **kwargs):
     bound = _RESERVED.pop("workspace", None)
     if bound is None:       # the profiling hook did not run (a fixed --max-total-tokens path): same rule, pool bytes
         dims = dict(num_kv_heads=shape.num_kv_heads, group=shape.group_size, head_dim=shape.head_dim,
-                    elem_size=torch.empty((), dtype=shape.dtype).element_size())
+                    elem_size=shape.dtype.itemsize)
         context = getattr(self.model_config, "context_len", None) or self.req_to_token_pool.req_to_token.shape[1]
         bound = workspace_bound(settings, dims, context, rt.kv_pool_bytes())
     rt.set_workspace(bound)

@@ -67,3 +67,16 @@ class LiveBytes:
 @pytest.fixture
 def live_bytes():
     return LiveBytes
+
+
+@pytest.fixture
+def sglang_context():
+    """SGLang's release path and prepare_for_decode read the published ServerArgs: publish defaults; afterwards
+    no plugin runtime is left installed."""
+    from sglang.srt.runtime_context import get_context
+    from sglang_ams.engine import runtime as ams_runtime
+    override = get_context().override_server_args()
+    override.install()
+    yield
+    override.restore()
+    ams_runtime.install(None)

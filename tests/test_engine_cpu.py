@@ -30,7 +30,6 @@ from sglang.srt.mem_cache.allocator import PagedTokenToKVPoolAllocator, TokenToK
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool  # noqa: E402
 from sglang.srt.mem_cache.radix_cache import RadixCache  # noqa: E402
 from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E402
-from sglang.srt.runtime_context import get_context  # noqa: E402
 from sglang.srt.sampling.sampling_params import SamplingParams  # noqa: E402
 from sglang.srt.speculative.spec_info import SpeculativeAlgorithm  # noqa: E402
 
@@ -116,13 +115,9 @@ class Env:
 
 
 @pytest.fixture(autouse=True)
-def sglang_context():
-    """SGLang's release path and prepare_for_decode read the published ServerArgs: publish defaults."""
-    override = get_context().override_server_args()
-    override.install()
+def _published_server_args(sglang_context):
+    """Every test here runs under conftest's sglang_context."""
     yield
-    override.restore()
-    ams_runtime.install(None)
 
 
 @pytest.fixture

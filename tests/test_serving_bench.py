@@ -77,13 +77,14 @@ def test_bench_output_parsing(tmp_path):
 
 
 @needs_sglang
-def test_keys_and_flags_exist_in_the_installed_bench_serving():
+def test_keys_and_flags_exist_in_the_installed_bench_serving(tmp_path):
     """The result keys we read are the ones 0.5.17 writes, and every flag we pass is one it defines."""
     src = SERVING_SRC.read_text()
     written = set(re.findall(r'^\s+"([a-z0-9_]+)":', src, re.M))
     assert set(rep.BENCH_KEYS) <= written, set(rep.BENCH_KEYS) - written
     defined = set(re.findall(r'add_argument\(\s*"(--[a-z0-9-]+)"', src))
-    args = serving.parse_args(["--model-path", "/m", "--bench-args", "", "--out", "/tmp/x"])
+    args = serving.parse_args(["--model-path", str(tmp_path / "model"), "--bench-args", "", "--out",
+                               str(tmp_path / "out")])
     used = {a for r in serving.plan(args) for a in r["bench_cmd"] if a.startswith("--")}
     assert used and used <= defined, used - defined
     assert "--tokenize-prompt" in used and "--gsp-num-groups" in used

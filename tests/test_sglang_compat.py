@@ -95,17 +95,6 @@ def _pools(page_size=16):
     return req_pool, allocator
 
 
-@pytest.fixture
-def sglang_context():
-    from sglang.srt.runtime_context import get_context
-    override = get_context().override_server_args()
-    override.install()
-    yield
-    override.restore()
-    from sglang_ams.engine import runtime as ams_runtime
-    ams_runtime.install(None)
-
-
 def _request(req_pool, allocator, tokens):
     import torch
     from sglang.srt.managers.schedule_batch import Req

@@ -187,7 +187,7 @@ class Compactor:
         shape = self.rt.shape
         return workspace.chunk_cost(cfg, self._scorer(cfg), num_kv_heads=shape.num_kv_heads,
                                     group=shape.group_size, head_dim=shape.head_dim,
-                                    elem_size=torch.empty((), dtype=shape.dtype).element_size(),
+                                    elem_size=shape.dtype.itemsize,
                                     attention=needs_attention(cfg), last_row=cfg.scorer == "tova")
 
     def chunks(self, items: list[Due]) -> list[workspace.Chunk]:

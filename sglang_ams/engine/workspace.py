@@ -80,7 +80,7 @@ def plan_chunks(lengths: list[int], num_layers: int, cost: ChunkCost, bound: int
         if cost.bytes(1, num_layers, lengths[i]) <= bound:
             members = [i]
             continue
-        per = max(1, max((k for k in range(1, num_layers + 1) if cost.bytes(1, k, lengths[i]) <= bound), default=1))
+        per = next((k for k in range(num_layers, 0, -1) if cost.bytes(1, k, lengths[i]) <= bound), 1)
         chunks.extend(Chunk((i,), range(l0, min(l0 + per, num_layers)), lengths[i])
                       for l0 in range(0, num_layers, per))
     if members:
