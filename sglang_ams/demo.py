@@ -384,7 +384,7 @@ def format_needle(outcomes: list[TaskOutcome], budget: float) -> str:
     lines.append(f"{'':<23} after {sum(o.prefills for o in outcomes)} prefill forwards that the policies share: "
                  f"{sum(o.prefill_seconds for o in outcomes):.0f} s")
     first = outcomes[0]
-    lines += ["", f"(needle N %: share of the needle sentence's (token, layer, head) entries still cached)",
+    lines += ["", "(needle N %: share of the needle sentence's (token, layer, head) entries still cached)",
               f"answers to '{first.task.label}' after the given start \"{NEEDLE_ANSWER_PREFIX}\":"]
     lines += [f"  {n:<8} {first.answer(n)!r}" for n in policies]
     return "\n".join(lines)

@@ -1,6 +1,5 @@
 """Flags, Engine kwargs, startup refusals and per-request validation, against real SGLang on CPU (CI runs these on
 0.5.17 and again on 0.5.23)."""
-import json
 import os
 import subprocess
 import sys

@@ -9,7 +9,6 @@ import json
 import os
 import random
 import shlex
-import signal
 import socket
 import subprocess
 import sys
