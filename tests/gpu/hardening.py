@@ -33,9 +33,12 @@ CONFIGS = {
     # cached prompts are pinned whole: a budget below the 768-1024 outputs makes them compact too
     "ams-p16-cached-b256": ["--kv-policy", "ams", "--page-size", "16", "--ams-prompt-cache", "cached",
                             "--kv-budget", "256", "--kv-interval", "128"],
+    # the warm-up's before/after: each starts with an empty Triton cache (COLD), so its kernels compile in this server
+    "ams-cold": ["--kv-policy", "ams"],
     "ams-nowarmup": ["--kv-policy", "ams", "--ams-warmup", "false"],
     "soak": ["--kv-policy", "ams", "--ams-debug-checks", "true"],
 }
+COLD = {"ams-cold", "ams-nowarmup"}      # fresh Triton cache; 24 requests (the first step is what they measure)
 VOCAB = 32000
 BAD_CUSTOM = [[1, 2], "abc", "kv_policy", 5, 1.5, True, {"kv_policy": [1, 2]}, {"kv_policy": {1: 2}},
               {"kv_policy": {"budget": 10**30}}, {"kv_policy": {"budget": "512"}}, {"kv_policy": "magic"},
@@ -169,7 +172,10 @@ def main():
     lines = []
     for i, name in enumerate(a.configs.split(",")):
         flags = BASE + CONFIGS[name]
-        server = Server(name, a.model, a.port + i, flags, out, env={"SGLANG_CHECK_KV_PAGE_INVARIANTS": "1"})
+        env = {"SGLANG_CHECK_KV_PAGE_INVARIANTS": "1"}
+        if name in COLD:
+            env["TRITON_CACHE_DIR"] = str(out / f"triton-{name}")
+        server = Server(name, a.model, a.port + i, flags, out, env=env)
         server.cmd = [c for c in server.cmd]     # (the command, for the record)
         t0 = time.time()
         if not server.wait(900):
@@ -184,7 +190,7 @@ def main():
                 res = verdict(server, res, {"200", "400"})
             else:
                 groups = 8 if "cached" in name else 0
-                reqs = long_prompt_requests(a.seed, a.requests if name != "ams-nowarmup" else 24, groups)
+                reqs = long_prompt_requests(a.seed, 24 if name in COLD else a.requests, groups)
                 res = verdict(server, asyncio.run(run_load(server, reqs, 96)), {"200"})
         finally:
             server.stop()
