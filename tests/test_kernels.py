@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,8 +19,11 @@ import torch
 from sglang_ams.compaction import gather_kept
 from sglang_ams.kernels.compaction import (CompactionConfig, check_keep, compact_kv, compaction_bytes,
                                            tail_to_free)
-from sglang_ams.kernels.scoring import FakePool, fake_pool, scoring_key_bytes, window_attention_pool
+from sglang_ams.kernels.scoring import scoring_key_bytes, window_attention_pool
 from sglang_ams.window_attention import window_attention, window_row_lse
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))     # (--import-mode=importlib adds no test folder)
+from fake_pool import FakePool, fake_pool  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 # The interpreter can only be chosen before triton is imported, so one process runs either CPU or GPU variants.
