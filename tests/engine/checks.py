@@ -3,45 +3,19 @@ the pool taken before the step, and the scheduler loop that runs these checks on
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
 
 import torch
 from sglang.srt.managers.schedule_batch import ScheduleBatch
 
 from sglang_ams.compaction import gather_kept, plan, scorer_for
-from sglang_ams.config import PolicyConfig
 from sglang_ams.engine import request_state
 from sglang_ams.engine import sglang_compat as compat
 from sglang_ams.engine.compactor import needs_attention
+from sglang_ams.engine.report import ChunkReport, StepReport
 from sglang_ams.scorers.base import ScoreInputs
 from sglang_ams.window_attention import window_attention
 
 from .harness import KV_HEADS, LAYERS, POOL_TOKENS, Env, forward
-
-class Item(NamedTuple):
-    """A request of a compaction group, as the compactor saw it."""
-    rid: str
-    row: int               # req_pool_idx
-    length: int            # physical length before compaction
-    prefix: int            # cache_protected_len
-    keep: int              # tokens kept per (layer, head)
-    pinned: int            # max(prefix, sink)
-
-
-@dataclasses.dataclass
-class Group:
-    """One `_compact_group` call: its requests as they were, and what `plan` got and returned."""
-    items: list[Item]
-    cfg: PolicyConfig
-    inputs: ScoreInputs
-    n_pinned: torch.Tensor
-    n_keep: torch.Tensor
-    credit: torch.Tensor | None
-    sel: object
-    decode_lse: bool = False       # the scoring took the window queries' LSE from the decode attention
-    ring_lse: bool = True          # every window query of the group came with its decode LSE (no prefill rows)
-
-
 
 @dataclasses.dataclass
 class Snap:
@@ -112,13 +86,14 @@ def window_queries(env: Env, rid: str, newest: int, window: int) -> torch.Tensor
     return torch.stack([env.queries[rid][p] for p in range(newest - window + 1, newest + 1)], dim=2)
 
 
-def check_selection(env: Env, g: Group, snap: Snap) -> None:
-    """What plan got (keys, queries, positions, attention) and chose, against torch on the pre-compaction pool."""
-    cfg, w = g.cfg, g.cfg.window
-    keys = [dense(snap.k, snap.r2t, it.row, it.length) for it in g.items]
-    values = [dense(snap.v, snap.r2t, it.row, it.length) for it in g.items]
-    lengths = torch.tensor([it.length for it in g.items])
-    for j, it in enumerate(g.items):
+def check_selection(env: Env, c: ChunkReport, snap: Snap) -> None:
+    """What plan got (keys, queries, positions, attention) and chose, against torch on the pre-compaction pool
+    (from the chunk's trace)."""
+    cfg, w, g = c.cfg, c.cfg.window, c.trace
+    keys = [dense(snap.k, snap.r2t, it.row, it.length) for it in c.requests]
+    values = [dense(snap.v, snap.r2t, it.row, it.length) for it in c.requests]
+    lengths = torch.tensor([it.length for it in c.requests])
+    for j, it in enumerate(c.requests):
         assert int(g.n_keep[j]) == it.keep == it.prefix + cfg.budget
         assert int(g.n_pinned[j]) == it.pinned == max(it.prefix, cfg.sink)
         if getattr(scorer_for(cfg), "reads_kv", True):          # the Triton gather read the same keys
@@ -126,36 +101,38 @@ def check_selection(env: Env, g: Group, snap: Snap) -> None:
             assert torch.equal(g.inputs.values[j, :, :, :it.length], values[j])
     queries = query_pos = None
     if cfg.needs_queries:
-        newest = [it.length - 1 + env.dropped[it.rid] for it in g.items]     # logical position of "now"
-        queries = torch.stack([window_queries(env, it.rid, n, w) for it, n in zip(g.items, newest)])
+        newest = [it.length - 1 + env.dropped[it.rid] for it in c.requests]     # logical position of "now"
+        queries = torch.stack([window_queries(env, it.rid, n, w) for it, n in zip(c.requests, newest)])
         query_pos = torch.tensor([list(range(n - w + 1, n + 1)) for n in newest])
         assert torch.equal(g.inputs.queries, queries), "the ring returned other queries (or another order)"
         assert torch.equal(g.inputs.query_pos, query_pos)
     reference = ScoreInputs(keys=padded(keys), values=padded(values), lengths=lengths, queries=queries,
                             query_pos=query_pos, rope=env.rt.rope, scale=env.rt.shape.scale)
-    assert g.decode_lse == (needs_attention(cfg) and env.rt.settings.scoring_lse == "decode"
-                            and env.rt.decode_lse_ok is not False and g.ring_lse)
+    assert c.decode_lse == (needs_attention(cfg) and env.rt.settings.scoring_lse == "decode"
+                            and env.rt.decode_lse_ok is not False and c.ring_lse)
     if needs_attention(cfg):        # Triton window attention over the pool == torch over dense tensors
         ref = window_attention(reference.keys, queries, lengths, reference.scale)
         for name in ("mean_rows", "last_row") if cfg.scorer == "tova" else ("mean_rows",):
             got = getattr(g.inputs.attn, name)
             torch.testing.assert_close(got, getattr(ref, name), atol=2e-5, rtol=1e-4)
     expected = plan(cfg, scorer_for(cfg), reference, g.n_pinned, g.n_keep, g.credit, k_max=int(g.n_keep.max()))
-    for j, it in enumerate(g.items):
-        assert torch.equal(expected.indices[j, ..., :it.keep], g.sel.indices[j, ..., :it.keep]), it.rid
+    for j, it in enumerate(c.requests):
+        assert torch.equal(expected.indices[j, ..., :it.keep], g.selection.indices[j, ..., :it.keep]), it.rid
 
 
-def check_compaction(env: Env, batch: ScheduleBatch, snap: Snap, groups: list) -> None:
-    """Everything one compaction step must leave behind (DESIGN.md §4), for every group it ran."""
+def check_compaction(env: Env, batch: ScheduleBatch, snap: Snap, report: StepReport) -> None:
+    """Everything one compaction step must leave behind (DESIGN.md §4), for every chunk it ran."""
     rt, ps = env.rt, env.page_size
     dst_slots, expected_free, delta = set(), set(), {}
-    for g in groups:
-        check_selection(env, g, snap)
-        for j, (rid, row, length, prefix, keep, pinned) in enumerate(g.items):
-            idx = g.sel.indices[j, ..., :keep]                  # [L, H, keep]
+    for c in report.chunks:
+        assert c.committed and c.layers == range(LAYERS)         # (no workspace bound here: one chunk per group)
+        check_selection(env, c, snap)
+        for j, it in enumerate(c.requests):
+            rid, row, length, prefix, keep, pinned = it.rid, it.row, it.length, it.prefix, it.keep, it.pinned
+            idx = c.trace.selection.indices[j, ..., :keep]       # [L, H, keep]
             # Kept indices: row positions, strictly ascending, pinned prefix and last keep_lastn always in.
             assert (idx[..., 1:] > idx[..., :-1]).all() and int(idx.max()) < length
-            must = torch.cat([torch.arange(pinned), torch.arange(length - g.cfg.keep_lastn, length)])
+            must = torch.cat([torch.arange(pinned), torch.arange(length - c.cfg.keep_lastn, length)])
             assert all(torch.isin(must, r).all() for r in idx.reshape(-1, keep)), rid
             # Slot j of head h now holds head h's j-th kept token, K and V (composite slots).
             for which, bufs in (("k", snap.k), ("v", snap.v)):
@@ -166,7 +143,9 @@ def check_compaction(env: Env, batch: ScheduleBatch, snap: Snap, groups: list) -
             assert torch.equal(env.r2t[row, :keep], snap.r2t[row, :keep])
             dst_slots |= set(snap.r2t[row, prefix:keep].tolist())
             tail = -(-keep // ps) * ps
-            expected_free |= page_slots(env, snap.r2t[row, tail:length].tolist()) if tail < length else set()
+            tail_slots = page_slots(env, snap.r2t[row, tail:length].tolist()) if tail < length else set()
+            assert it.freed == len(tail_slots), (rid, it.freed, len(tail_slots))      # the report says so
+            expected_free |= tail_slots
             delta[rid] = length - keep
     # No byte outside the compacted rows' [prefix, keep) slots changed: pinned prefixes, other requests, tails.
     others = torch.ones(env.kv_pool.k_buffer[0].shape[0], dtype=torch.bool)
@@ -177,7 +156,7 @@ def check_compaction(env: Env, batch: ScheduleBatch, snap: Snap, groups: list) -
     free = free_slots(env)
     assert snap.free <= free, "a free slot was taken"
     assert free - snap.free == expected_free, "freed slots are not exactly the tails"
-    assert env.allocator.available_size() - len(snap.free) == len(expected_free)
+    assert env.allocator.available_size() - len(snap.free) == len(expected_free) == report.freed
     env.freed.append(len(expected_free))
     # Lengths shrink by the dropped count; offsets grow by it; ring rows go back.
     d = torch.tensor([delta.get(r.rid, 0) for r in batch.reqs])
@@ -192,39 +171,36 @@ def check_compaction(env: Env, batch: ScheduleBatch, snap: Snap, groups: list) -
         assert int(rt.pos_offsets[compat.pool_idx(r)]) == env.dropped[r.rid] == (st.pos_offset if st else 0)
         if dropped:
             assert st.compacted and st.ring_row == 0 and int(rt.ring.row_of[compat.pool_idx(r)]) == 0
-    for g in groups:     # carried credit: one value per kept token of every (layer, head)
-        for j, it in enumerate(g.items):
+    for c in report.chunks:     # carried credit: one value per kept token of every (layer, head)
+        for j, it in enumerate(c.requests):
             st = request_state.existing_state(next(r for r in batch.reqs if r.rid == it.rid))
-            if g.cfg.policy == "ams":
+            if c.cfg.policy == "ams":
                 assert st.credit is not None and st.credit.shape == (LAYERS, KV_HEADS, it.keep)
                 old = snap.credit[it.rid]      # the previous compaction's credit came back in, new tokens at 0
                 k_old = 0 if old is None else old.shape[-1]
                 if old is not None:
-                    assert torch.equal(g.credit[j, :, :, :k_old], old)
-                assert (g.credit[j, :, :, k_old:] == 0).all()
+                    assert torch.equal(c.trace.credit[j, :, :, :k_old], old)
+                assert (c.trace.credit[j, :, :, k_old:] == 0).all()
             else:
                 assert st.credit is None
     assert rt.counters.compactions - snap.counters[0] == len(delta)
     assert rt.counters.tokens_freed - snap.counters[1] == sum(delta.values())
 
 
-def step(env: Env, batch: ScheduleBatch) -> list:
-    """One scheduler iteration; returns the compaction groups it ran (each already checked)."""
+def step(env: Env, batch: ScheduleBatch) -> StepReport:
+    """One scheduler iteration; returns the compaction step's report (every chunk of it already checked)."""
     snap = snapshot(env, batch)
-    env.groups.clear()
-    n = env.compactor.step(batch)
-    assert n == sum(len(g.items) for g in env.groups)
-    groups = list(env.groups)
-    if groups:
-        check_compaction(env, batch, snap, groups)
+    report = env.compactor.step(batch)
+    assert len(report.requests) == sum(len(c.requests) for c in report.chunks)
+    if report:
+        check_compaction(env, batch, snap, report)
     check_no_leak(env, batch.reqs)
     batch.prepare_for_decode()          # SGLang: next slot at row position seq_len, every length + 1
     forward(env, batch)
     check_no_leak(env, batch.reqs)
-    return groups
+    return report
 
 
-def compacted(groups: list) -> dict:
+def compacted(report: StepReport) -> dict:
     """rid -> (length, keep) of the requests compacted in a step."""
-    return {it.rid: (it.length, it.keep) for g in groups for it in g.items}
-
+    return {it.rid: (it.length, it.keep) for it in report.requests}

@@ -9,29 +9,26 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from sglang.srt.managers.schedule_batch import Req, ScheduleBatch
+from sglang.srt.mem_cache.allocator import PagedTokenToKVPoolAllocator, TokenToKVPoolAllocator
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+from sglang.srt.model_executor.forward_batch_info import ForwardMode
+from sglang.srt.sampling.sampling_params import SamplingParams
+from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
-pytest.importorskip("sglang.srt.mem_cache.memory_pool")
-
-from sglang.srt.managers.schedule_batch import Req, ScheduleBatch  # noqa: E402
-from sglang.srt.mem_cache.allocator import PagedTokenToKVPoolAllocator, TokenToKVPoolAllocator  # noqa: E402
-from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool  # noqa: E402
-from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E402
-from sglang.srt.sampling.sampling_params import SamplingParams  # noqa: E402
-from sglang.srt.speculative.spec_info import SpeculativeAlgorithm  # noqa: E402
-
-from sglang_ams.config import PolicyConfig  # noqa: E402
-from sglang_ams.engine import compactor as compactor_mod  # noqa: E402
-from sglang_ams.engine import request_state  # noqa: E402
-from sglang_ams.engine import runtime as ams_runtime  # noqa: E402
-from sglang_ams.engine import sglang_compat as compat  # noqa: E402
-from sglang_ams.engine.compactor import Compactor  # noqa: E402
-from sglang_ams.engine.settings import EngineSettings  # noqa: E402
-from sglang_ams.patches import flashinfer_decode as fi_hooks  # noqa: E402
-from sglang_ams.patches import forward_batch as fb_hooks  # noqa: E402
-from sglang_ams.patches import prefill_window as pw_hooks  # noqa: E402
-from sglang_ams.patches import radix_attention as attn_hooks  # noqa: E402
-from sglang_ams.rope import inv_freq_from_config  # noqa: E402
-from sglang_ams.scorers.base import RopeSpec  # noqa: E402
+from sglang_ams.config import PolicyConfig
+from sglang_ams.engine import compactor as compactor_mod
+from sglang_ams.engine import request_state
+from sglang_ams.engine import runtime as ams_runtime
+from sglang_ams.engine import sglang_compat as compat
+from sglang_ams.engine.compactor import Compactor
+from sglang_ams.engine.settings import EngineSettings
+from sglang_ams.patches import flashinfer_decode as fi_hooks
+from sglang_ams.patches import forward_batch as fb_hooks
+from sglang_ams.patches import prefill_window as pw_hooks
+from sglang_ams.patches import radix_attention as attn_hooks
+from sglang_ams.rope import inv_freq_from_config
+from sglang_ams.scorers.base import RopeSpec
 
 # The interpreter converts 1-element arrays to ints in range() bounds (a numpy deprecation, not ours).
 MARKS = [pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning"),
@@ -53,7 +50,6 @@ class Env:
     allocator: object
     tree: object                # the default tree cache of this SGLang (RadixCache, or UnifiedRadixCache)
     gen: torch.Generator
-    groups: list                                             # filled by the recording fixture
     tree_slots: set = dataclasses.field(default_factory=set)
     queries: dict = dataclasses.field(default_factory=dict)  # rid -> {logical position: [L, Hq, d]}
     dropped: dict = dataclasses.field(default_factory=dict)  # rid -> tokens dropped so far
@@ -69,9 +65,10 @@ class Env:
 
 
 
-def make_env(groups, *, page_size=1, dtype=torch.bfloat16, policy=CFG, ring_rows=0, seed=0, batch_slack=0.0,
+def make_env(*, trace=True, page_size=1, dtype=torch.bfloat16, policy=CFG, ring_rows=0, seed=0, batch_slack=0.0,
              scoring_lse="decode", debug_checks=True) -> Env:
-    """Pools, allocator and radix cache as SGLang builds them, and the Runtime as our alloc_memory_pool hook does."""
+    """Pools, allocator and radix cache as SGLang builds them, and the Runtime as our alloc_memory_pool hook does.
+    `trace`: the compactor keeps what each selection got in its report (checks.check_selection reads it)."""
     gen = torch.Generator().manual_seed(seed)
     kv_pool = MHATokenToKVPool(POOL_TOKENS, page_size, dtype, KV_HEADS, HEAD_DIM, LAYERS, device="cpu",
                                enable_memory_saver=False)
@@ -90,7 +87,7 @@ def make_env(groups, *, page_size=1, dtype=torch.bfloat16, policy=CFG, ring_rows
     rt = ams_runtime.Runtime(settings, shape, kv_pool, req_pool, allocator, tiny_rope(),
                              ams_runtime.ring_rows_for(settings, POOL_TOKENS))
     ams_runtime.install(rt)
-    return Env(rt, Compactor(rt), kv_pool, req_pool, allocator, tree, gen, groups)
+    return Env(rt, Compactor(rt, trace=trace), kv_pool, req_pool, allocator, tree, gen)
 
 
 def tiny_rope() -> RopeSpec:

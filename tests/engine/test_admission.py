@@ -16,6 +16,7 @@ from .harness import CFG, MARKS, SHARED, add_request, cache_prefix, forward, mak
 
 pytestmark = MARKS
 
+
 def test_admission_arithmetic():
     ams = PolicyConfig(policy="ams", budget=1024, interval=512, window=8)
     stream = PolicyConfig(policy="streaming", budget=1024, interval=512)
@@ -35,11 +36,11 @@ def test_admission_arithmetic():
 
 @pytest.mark.parametrize("policy", ["ams", "streaming"])
 @pytest.mark.parametrize("prompt", [30, 50, 60])    # below cap - window, between, past the cap (cap 56)
-def test_admission_bounds_what_requests_hold(recorded, policy, prompt):
+def test_admission_bounds_what_requests_hold(policy, prompt):
     """Drive the real loop: the most KV a request holds before its first compaction is exactly its prompt plus
     what admission reserves, and the running reservation bounds what is left at every step."""
     cfg = CFG.replace(policy=policy)
-    env = make_env(recorded, policy=CFG)       # server ams (query ring); the request overrides the policy
+    env = make_env(policy=CFG)       # server ams (query ring); the request overrides the policy
     req = add_request(env, "r", list(range(2000, 2000 + prompt)), override={"policy": policy})
     batch = make_batch(env, [req])
     lengths = []
@@ -56,7 +57,7 @@ def test_admission_bounds_what_requests_hold(recorded, policy, prompt):
 def test_admission_hooks():
     """PrefillAdder (real) counts a policy request's cap, not its max_new_tokens; add_one_req sees the clamp."""
     from sglang.srt.managers.schedule_policy import PrefillAdder
-    env = make_env([], policy=CFG)
+    env = make_env(trace=False, policy=CFG)
     cache_prefix(env, SHARED)
     running = add_request(env, "running", list(range(2000, 2040)))           # committed 40, cap 56
     pinned = add_request(env, "pinned", SHARED + list(range(5000, 5032)), pinned=32)   # 64 of cap 32 + 56

@@ -12,12 +12,13 @@ from .harness import CFG, MARKS, SHARED, add_request, cache_prefix, make_batch, 
 
 pytestmark = MARKS
 
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("page_size", [1, 16])
-def test_compaction_bookkeeping(recorded, page_size, dtype):
+def test_compaction_bookkeeping(page_size, dtype):
     """Three requests (below the cap, above it, above it behind a pinned radix prefix) decoded through two
     compactions; `step` checks every compaction, this test pins down when they happen and what they free."""
-    env = make_env(recorded, page_size=page_size, dtype=dtype)
+    env = make_env(page_size=page_size, dtype=dtype)
     cache_prefix(env, SHARED)
     # short: 16-token prefix shared with `pinned` (tree), stays below its trigger (cap 72, ring from 64).
     short = add_request(env, "short", SHARED[:16] + list(range(3000, 3014)), pinned=16)
@@ -32,7 +33,8 @@ def test_compaction_bookkeeping(recorded, page_size, dtype):
 
     history = []
     for _ in range(27):
-        history.append(compacted(step(env, batch)))
+        last = step(env, batch)
+        history.append(compacted(last))
         if len(history) in (3, 9):      # rings: long takes its row at 48, pinned at 86 (both at step 3)
             st = request_state.existing_state(long)
             assert st.ring_row and st.ring_start == 48 and int(env.rt.ring.row_of[compat.pool_idx(long)]) == st.ring_row
@@ -41,7 +43,7 @@ def test_compaction_bookkeeping(recorded, page_size, dtype):
     assert all(not h for i, h in enumerate(history) if i not in (10, 26)), history
     assert first == {"long": (56, 40), "pinned": (94, 72)}
     assert second == {"long": (56, 40), "pinned": (88, 72)}      # the second one from the ring at cap - window
-    assert len(env.groups) == 1                                  # both requests in one launch
+    assert len(last.chunks) == 1                                 # both requests in one launch
     # (c) freed: page 1 every dropped slot (16 + 22, then 16 + 16); page 16 only whole pages past
     # align_up(keep): 56 -> 40 frees [48, 64), 94 -> 72 frees [80, 96); then [48, 64) and [80, 96) again.
     assert env.freed == ([38, 32] if page_size == 1 else [32, 32])
@@ -62,13 +64,13 @@ def test_compaction_bookkeeping(recorded, page_size, dtype):
         row = compat.pool_idx(long)       # keep = 40: positions 40.. share the page of position 39
         assert int(env.r2t[row, 40]) == int(env.r2t[row, 39]) + 1
 
-def test_prefill_window_compacts_two_steps_after_prefill(recorded):
+def test_prefill_window_compacts_two_steps_after_prefill():
     """Prompts already past their trigger take a ring row at prefill and compact after MIN_DECODE_STEPS decode
     steps on the prompt's last queries (`step` checks the window against the queries the prefill wrote; scoring
     recomputes the LSE: the prefill gave none); the second compaction is an ordinary one (decode window, decode
     LSE). A prompt below its trigger and a request without a policy take no row (the latter's prompt tail goes to
     the trash row)."""
-    env = make_env(recorded, policy=CFG.replace(prefill_window=True))
+    env = make_env(policy=CFG.replace(prefill_window=True))
     cache_prefix(env, SHARED)
     long = add_request(env, "long", list(range(2000, 2080)))                     # 80 >= cap 56 - W
     pinned = add_request(env, "pinned", SHARED + list(range(4000, 4060)), pinned=32)   # 92 >= 88 - W
@@ -86,10 +88,10 @@ def test_prefill_window_compacts_two_steps_after_prefill(recorded):
 
     batch = make_batch(env, [long, pinned, short, off])
     runs = [step(env, batch) for _ in range(20)]
-    history = [compacted(groups) for groups in runs]
+    history = [compacted(report) for report in runs]
     assert history[2] == {"long": (82, 40), "pinned": (94, 72)}, history    # decode steps 2: 80 + 2, 92 + 2
     assert not any(history[:2])
-    assert [(g.ring_lse, g.decode_lse) for g in runs[2]] == [(False, False)]    # no LSE from the prefill
-    later = [groups for groups in runs[3:] if groups]
-    assert later and all(g.ring_lse and g.decode_lse for groups in later for g in groups)
+    assert [(g.ring_lse, g.decode_lse) for g in runs[2].chunks] == [(False, False)]    # no LSE from the prefill
+    later = [report for report in runs[3:] if report]
+    assert later and all(g.ring_lse and g.decode_lse for report in later for g in report.chunks)
     assert history[18] == {"long": (56, 40), "pinned": (88, 72)}    # the second: decode windows at the trigger

@@ -16,11 +16,12 @@ from .harness import MARKS, DecodeAttention, add_request, make_batch, make_env
 
 pytestmark = MARKS
 
-def test_mixed_overrides_compact_in_one_step(recorded):
+
+def test_mixed_overrides_compact_in_one_step():
     """Streaming (no queries), top-k KeyDiff (keys, no queries), AMS+TOVA and the server default in one batch.
     Regression: a streaming override on a server whose scorer reads attention used to run the attention
     kernel with no queries (fixed by compactor.needs_attention)."""
-    env = make_env(recorded)
+    env = make_env()
     overrides = {"stream": "streaming", "keydiff": {"policy": "topk", "scorer": "keydiff"},
                  "tova": {"policy": "ams", "scorer": "tova"}, "default": None, "off": "none"}
     reqs = [add_request(env, rid, list(range(2000 + 100 * i, 2046 + 100 * i)), override=o)
@@ -29,8 +30,8 @@ def test_mixed_overrides_compact_in_one_step(recorded):
     off_row = env.r2t[compat.pool_idx(reqs[-1])].clone()
     seen = {}
     for _ in range(12):
-        for g in step(env, batch):
-            seen.setdefault((g.cfg.policy, g.cfg.scorer), []).extend(it.rid for it in g.items)
+        for g in step(env, batch).chunks:
+            seen.setdefault((g.cfg.policy, g.cfg.scorer), []).extend(it.rid for it in g.requests)
     assert seen == {("streaming", "snapkv"): ["stream"], ("topk", "keydiff"): ["keydiff"],
                     ("ams", "tova"): ["tova"], ("ams", "snapkv"): ["default"]}
     off = reqs[-1]
@@ -50,11 +51,11 @@ def test_needs_attention():
 
 
 @pytest.mark.parametrize("slack", [0.0, 0.5])
-def test_batch_slack_joins_a_due_request(recorded, slack):
+def test_batch_slack_joins_a_due_request(slack):
     """With slack 0.5 (8 of 16 interval tokens) a request 4 tokens short of its trigger, with a full window,
     compacts in the same step as a request at its trigger; alone it never compacts early. With slack 0 each
     compacts at its own trigger."""
-    env = make_env(recorded, batch_slack=slack)
+    env = make_env(batch_slack=slack)
     a = add_request(env, "a", list(range(2000, 2030)))      # 30 tokens: trigger 56 at step 27
     b = add_request(env, "b", list(range(3000, 3034)))      # 34 tokens: trigger 56 at step 23
     batch = make_batch(env, [a, b])
@@ -70,7 +71,7 @@ def test_batch_slack_joins_a_due_request(recorded, slack):
 
 
 @pytest.mark.parametrize("debug", [False, True])
-def test_decode_lse_in_another_convention_is_caught(recorded, monkeypatch, debug):
+def test_decode_lse_in_another_convention_is_caught(monkeypatch, debug):
     """An attention kernel reporting its LSE in natural-log units: the first scoring's check catches it; the
     server logs it and recomputes from then on (debug mode raises instead). Selections stay right."""
     real_run = DecodeAttention.run
@@ -79,7 +80,7 @@ def test_decode_lse_in_another_convention_is_caught(recorded, monkeypatch, debug
         out, lse = real_run(self, *args, **kwargs)
         return out, lse * math.log(2.0)
     monkeypatch.setattr(DecodeAttention, "run", natural_log_run)
-    env = make_env(recorded, debug_checks=debug)
+    env = make_env(debug_checks=debug)
     reqs = [add_request(env, "a", list(range(2000, 2046))), add_request(env, "b", list(range(3000, 3049)))]
     batch = make_batch(env, reqs)
     if debug:
@@ -87,15 +88,15 @@ def test_decode_lse_in_another_convention_is_caught(recorded, monkeypatch, debug
             for _ in range(12):
                 step(env, batch)
         return
-    groups = [g for _ in range(12) for g in step(env, batch)]       # check_selection: attention == reference
+    groups = [g for _ in range(12) for g in step(env, batch).chunks]       # check_selection: attention == reference
     assert groups and env.rt.decode_lse_ok is False and env.rt.counters.decode_lse_launches == 0
 
 
-def test_scoring_lse_recompute(recorded):
+def test_scoring_lse_recompute():
     """--ams-scoring-lse recompute: the kernel's own LSE pass, no LSE taken from the decode attention."""
-    env = make_env(recorded, scoring_lse="recompute")
+    env = make_env(scoring_lse="recompute")
     reqs = [add_request(env, "a", list(range(2000, 2046))), add_request(env, "b", list(range(3000, 3049)))]
     batch = make_batch(env, reqs)
-    groups = [g for _ in range(12) for g in step(env, batch)]
+    groups = [g for _ in range(12) for g in step(env, batch).chunks]
     assert groups and not any(g.decode_lse for g in groups) and env.rt.counters.decode_lse_launches == 0
     assert not env.rt.ring.has_lse

@@ -23,6 +23,7 @@ from .harness import (CFG, HEAD_DIM, KV_HEADS, LAYERS, MARKS, POOL_TOKENS, Q_HEA
 
 pytestmark = MARKS
 
+
 @pytest.fixture
 def wired_release(monkeypatch):
     """SGLang's release_kv_cache with our hooks applied as HookRegistry would (scoped to the test): the hooks
@@ -44,10 +45,10 @@ def wired_release(monkeypatch):
     return release
 
 
-def test_release_after_compaction(recorded, wired_release):
+def test_release_after_compaction(wired_release):
     """Finish, retraction and finish-uncompacted through SGLang's release_kv_cache (paged pool, radix tree):
     ring rows and offsets come back, compacted KV never enters the tree, and nothing leaks."""
-    env = make_env(recorded, page_size=16)
+    env = make_env(page_size=16)
     cache_prefix(env, SHARED)
     short = add_request(env, "short", SHARED[:16] + list(range(3000, 3014)), pinned=16)
     long = add_request(env, "long", list(range(2000, 2046)))

@@ -15,10 +15,11 @@ from .harness import MARKS, add_request, make_batch, make_env
 
 pytestmark = MARKS
 
-def test_ring_rows_wait_and_release(recorded):
+
+def test_ring_rows_wait_and_release():
     """One ring row for two requests: the second waits (ring_waits grows), then compacts `window` queries
     after it finally gets the row, never earlier."""
-    env = make_env(recorded, ring_rows=1)
+    env = make_env(ring_rows=1)
     ring = env.rt.ring
     a = add_request(env, "a", list(range(2000, 2046)))    # cap 56, reaches cap - window (48) at step 3
     b = add_request(env, "b", list(range(3000, 3047)))    # one token ahead: finds the ring taken

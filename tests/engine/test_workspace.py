@@ -12,6 +12,7 @@ from .harness import CFG, KV_HEADS, LAYERS, MARKS, Env, add_request, cfg_overrid
 
 pytestmark = MARKS
 
+
 def _three_due(env: Env, override=None) -> ScheduleBatch:
     """Three requests of different lengths that all reach their trigger within a few steps (cap 56)."""
     reqs = [add_request(env, f"r{i}", list(range(5000 + 100 * i, 5000 + 100 * i + n)), override=override)
@@ -23,7 +24,7 @@ def _until_compacted(env: Env, batch: ScheduleBatch, steps: int = 14) -> int:
     """The scheduler loop without the per-group checks (a request split by layers runs several chunks)."""
     done = 0
     for _ in range(steps):
-        done += env.compactor.step(batch)
+        done += len(env.compactor.step(batch).requests)
         batch.prepare_for_decode()
         forward(env, batch)
     return done
@@ -36,7 +37,7 @@ def test_chunked_compaction_equals_one_launch(policy, scorer):
     cfg = CFG.replace(policy=policy, scorer=scorer)
     envs = []
     for bound in (None, "one-layer"):
-        env = make_env([], policy=CFG.replace(delta=0.02), seed=5)
+        env = make_env(trace=False, policy=CFG.replace(delta=0.02), seed=5)
         batch = _three_due(env, cfg_override(cfg))
         cfg = CFG.replace(delta=0.02, policy=policy, scorer=scorer)         # what the requests run under
         if bound:
@@ -63,7 +64,7 @@ def test_step_peak_stays_inside_the_bound(live_bytes, policy, scorer):
     """The memory a compaction step really allocates (every tensor it creates, counted at the ATen level) stays
     under the bound the planner cut the group for, here one request with all layers."""
     cfg = CFG.replace(policy=policy, scorer=scorer)
-    env = make_env([], policy=CFG, seed=2)
+    env = make_env(trace=False, policy=CFG, seed=2)
     reqs = [add_request(env, f"r{i}", list(range(6000 + 300 * i, 6000 + 300 * i + n)), override=cfg_override(cfg))
             for i, n in enumerate((150, 200, 230))]
     batch = make_batch(env, reqs)
@@ -73,10 +74,10 @@ def test_step_peak_stays_inside_the_bound(live_bytes, policy, scorer):
     for _ in range(14):
         due = env.compactor.due_requests(batch)
         with live_bytes() as mem:
-            done = env.compactor.step(batch)
-        if done:
+            report = env.compactor.step(batch)
+        if report:
             chunks = env.compactor.chunks(due)
-            assert len(chunks) == done                      # one request per chunk under this bound
+            assert len(chunks) == len(report.chunks) == len(report.requests)     # one request per chunk here
             peaks.append(mem.peak)
         batch.prepare_for_decode()
         forward(env, batch)
@@ -85,7 +86,7 @@ def test_step_peak_stays_inside_the_bound(live_bytes, policy, scorer):
 
 def test_warm_up_runs_every_variant_and_touches_only_the_dummy_slot(monkeypatch):
     from sglang_ams.engine import warmup
-    env = make_env([])
+    env = make_env(trace=False)
     before = [b.clone() for b in env.kv_pool.k_buffer + env.kv_pool.v_buffer]
     free = free_slots(env)
     calls = []
