@@ -8,7 +8,7 @@ import torch
 
 from .report import StepReport
 from .runtime import Runtime
-from .sglang_compat import allocated_len, committed_len, pool_idx, protected_len
+from .sglang_compat import allocated_len, committed_len, in_free_group, pool_idx, protected_len
 
 logger = logging.getLogger("sglang_ams")
 
@@ -88,7 +88,7 @@ def check_invariants(rt: Runtime, batch, report: StepReport, available_before=No
         req, length = rows[r.row]
         assert req.rid == r.rid and length == r.keep, (r, length)
     # (inside a free group the allocator only stages frees; the scheduler runs the step outside one)
-    if available_before is not None and getattr(rt.allocator, "is_not_in_free_group", True):
+    if available_before is not None and not in_free_group(rt.allocator):
         grown = rt.allocator.available_size() - available_before
         assert grown == report.freed, f"the allocator got {grown} slots back, the report says {report.freed}"
     logger.debug("sglang-ams: compaction step: %s", report.summary())

@@ -17,6 +17,7 @@ from sglang_ams.window_attention import window_attention
 
 from .harness import KV_HEADS, LAYERS, POOL_TOKENS, Env, forward
 
+
 @dataclasses.dataclass
 class Snap:
     k: list

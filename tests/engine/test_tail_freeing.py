@@ -95,3 +95,20 @@ def test_free_tails_with_nothing_to_free():
     assert free_tails(allocator, req_pool.req_to_token, rows, [20], [20]) == [0]
     assert free_tails(allocator, req_pool.req_to_token, [], [], []) == []
     assert allocator.available_size() == before
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_free_tails_inside_a_free_group(page_size):
+    """Inside SGLang's free group the frees are staged (compat.in_free_group: debug mode then skips its size
+    check) and land at free_group_end."""
+    allocator = allocator_for(page_size)
+    req_pool = ReqToTokenPool(size=2, max_context_len=64, device="cpu", enable_memory_saver=False)
+    rows = scattered_rows(allocator, req_pool, [50], torch.Generator().manual_seed(1))
+    before = allocator.available_size()
+    assert not compat.in_free_group(allocator)
+    allocator.free_group_begin()
+    assert compat.in_free_group(allocator)
+    freed = free_tails(allocator, req_pool.req_to_token, rows, [20], [50])
+    assert allocator.available_size() == before and freed == [30 if page_size == 1 else 32]
+    allocator.free_group_end()
+    assert not compat.in_free_group(allocator) and allocator.available_size() == before + freed[0]
