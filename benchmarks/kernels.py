@@ -245,8 +245,10 @@ def verify_small(device) -> dict:
     """Kernels against the torch references on a tiny pool (scattered slots, GQA 4, two requests)."""
     from sglang_ams.compaction import gather_kept
     from sglang_ams.kernels.compaction import compact_kv
-    from sglang_ams.kernels.scoring import fake_pool, window_attention_pool
+    from sglang_ams.kernels.scoring import window_attention_pool
     from sglang_ams.window_attention import window_attention
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))     # the tests' fake pool
+    from fake_pool import fake_pool
     g = torch.Generator().manual_seed(0)
     m, lengths, window = TINY, torch.tensor([96, 61], dtype=torch.int32), 8
     keys = torch.randn(2, m.layers, m.kv_heads, 96, m.head_dim, generator=g).to(torch.bfloat16).to(device)

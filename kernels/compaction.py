@@ -32,6 +32,7 @@ see `tail_to_free`.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -155,23 +156,34 @@ def compaction_bytes(kept_tokens: int, num_layers: int, num_kv_heads: int, head_
     return 2 * kept_tokens * num_layers * num_kv_heads * head_dim * elem_size * 2
 
 
-def tail_to_free(req_to_token: torch.Tensor, req_rows: torch.Tensor, old_lens: torch.Tensor, new_lens: torch.Tensor,
+def tail_pages(keeps: Sequence[int], lengths: Sequence[int], page_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Host arithmetic of the tails: per request, the first position to free, align_up(keep, page_size), and how
+    many pages from there the row reaches below its length (CPU int64 [N] each)."""
+    keep = torch.as_tensor(keeps, dtype=torch.int64).reshape(-1)
+    length = torch.as_tensor(lengths, dtype=torch.int64).reshape(-1)
+    if bool((keep > length).any()):
+        raise ValueError(f"kept {keep.tolist()} > lengths {length.tolist()}")
+    start = (keep + page_size - 1) // page_size * page_size
+    return start, ((length - start).clamp(min=0) + page_size - 1) // page_size
+
+
+def tail_to_free(req_to_token: torch.Tensor, rows: Sequence[int], keeps: Sequence[int], lengths: Sequence[int],
                  page_size: int = 1) -> torch.Tensor:
-    """Slots the allocator can take back after compaction: positions [align_up(new_len, page_size), old_len) of
-    each request's row, concatenated (int64). With page_size > 1 these are whole pages (the last may be partly
-    filled: SGLang's paged `free` frees every page it touches); positions [new_len, align_up(new_len)) stay with
-    the request, so the next decode token lands in its last page as SGLang expects. One host sync (lengths)."""
-    rows = req_rows.tolist()
-    spans = []
-    for row, old, new in zip(rows, old_lens.tolist(), new_lens.tolist()):
-        if new > old:
-            raise ValueError(f"new length {new} > old length {old} for req_to_token row {row}")
-        start = triton.cdiv(new, page_size) * page_size
-        if start < old:
-            spans.append(req_to_token[row, start:old])
-    if not spans:
-        return torch.empty(0, dtype=torch.int64, device=req_to_token.device)
-    return torch.cat(spans).to(torch.int64)
+    """The slots the allocator can take back after compaction (int64): every page of each request's row that
+    holds only positions >= align_up(keep, page_size), below its length (page size 1: positions [keep, length)).
+    Positions [keep, align_up(keep)) stay with the request, so the next decode token lands in its last page as
+    SGLang expects. Pages come out whole and in row order, each as its page-aligned first slot and the slots
+    after it (the paged allocator's layout): SGLang's `free_segment(slots, start_pos=0)` then reads one slot per
+    page, with no `torch.unique` (a device sync). Lengths are host integers: one index build on the host and one
+    gather on the device for all requests, no host sync."""
+    start, pages = tail_pages(keeps, lengths, page_size)
+    owner = torch.repeat_interleave(torch.arange(len(pages)), pages)
+    index_in_tail = torch.arange(len(owner)) - (pages.cumsum(0) - pages)[owner]
+    first_pos = start[owner] + index_in_tail * page_size            # row position of each freed page's first token
+    row = torch.as_tensor(rows, dtype=torch.int64).reshape(-1)[owner]
+    device = req_to_token.device
+    first_slot = req_to_token[row.to(device), first_pos.to(device)].to(torch.int64)
+    return (first_slot[:, None] + torch.arange(page_size, device=device)).reshape(-1)
 
 
-__all__ = ["compact_kv", "tail_to_free", "compaction_bytes", "check_keep", "compaction_config"]
+__all__ = ["compact_kv", "tail_pages", "tail_to_free", "compaction_bytes", "check_keep", "compaction_config"]

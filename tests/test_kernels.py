@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,8 +19,11 @@ import torch
 from sglang_ams.compaction import gather_kept
 from sglang_ams.kernels.compaction import (CompactionConfig, check_keep, compact_kv, compaction_bytes,
                                            tail_to_free)
-from sglang_ams.kernels.scoring import FakePool, fake_pool, scoring_key_bytes, window_attention_pool
+from sglang_ams.kernels.scoring import scoring_key_bytes, window_attention_pool
 from sglang_ams.window_attention import window_attention, window_row_lse
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))     # (--import-mode=importlib adds no test folder)
+from fake_pool import FakePool, fake_pool  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 # The interpreter can only be chosen before triton is imported, so one process runs either CPU or GPU variants.
@@ -291,19 +295,27 @@ def test_compaction_adversarial(device, pattern, head_dim, dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_compaction_paged_pool_and_tail(device):
-    """Page size 16, int64 keep; then the tail to free is exactly the whole pages past align_up(n_keep, 16)."""
+    """Page size 16, int64 keep; then the tail to free is exactly the whole pages past align_up(n_keep, 16), each
+    page whole and in order from its page-aligned first slot."""
     lengths, n_keep, page = [70, 45, 33], [40, 20, 33], 16
     pool = _run_compaction_case(device, lengths=lengths, n_keep=n_keep, layers=2, heads=2, head_dim=64,
                                 dtype=torch.bfloat16, pattern="mixed", page_size=page, keep_dtype=torch.int64,
                                 seed=11)
     rows = pool.req_to_token[pool.req_rows.long()]
-    freed = tail_to_free(pool.req_to_token, pool.req_rows, torch.tensor(lengths), torch.tensor(n_keep), page)
-    want = torch.cat([rows[0, 48:70], rows[1, 32:45]]).long()
-    assert torch.equal(freed, want)
+    req_rows = pool.req_rows.tolist()
+    freed = tail_to_free(pool.req_to_token, req_rows, n_keep, lengths, page)
+    assert freed.dtype == torch.int64 and freed.device == pool.req_to_token.device
+    tails = torch.cat([rows[0, 48:70], rows[1, 32:45]]).long()      # request 2 keeps everything
+    pages = freed.view(-1, page)
+    assert (pages[:, 0] % page == 0).all() and torch.equal(pages, pages[:, :1] + torch.arange(page, device=freed.device))
+    assert sorted((pages[:, 0] // page).tolist()) == sorted(set((tails // page).tolist())), "not exactly the tail pages"
     kept = torch.cat([rows[n, :min(-(-k // page) * page, length)] for n, (k, length) in enumerate(zip(n_keep, lengths))]).long()
     assert not set((freed // page).tolist()) & set((kept // page).tolist()), "a freed page still holds kept tokens"
-    one = tail_to_free(pool.req_to_token, pool.req_rows, torch.tensor(lengths), torch.tensor(n_keep), 1)
+    one = tail_to_free(pool.req_to_token, req_rows, n_keep, lengths, 1)
     assert torch.equal(one, torch.cat([rows[0, 40:70], rows[1, 20:45]]).long())
+    assert tail_to_free(pool.req_to_token, [], [], [], page).numel() == 0
+    with pytest.raises(ValueError, match="> lengths"):
+        tail_to_free(pool.req_to_token, req_rows[:1], [71], [70], page)
 
 
 def test_compaction_rejects_bad_inputs():

@@ -5,7 +5,8 @@ window of queries when their policy needs one), joined by those within the batch
 every token of every layer and KV head (Triton window attention + the scorer), select keep indices
 (selection.py), move the kept K/V to the front of each request's row per head (Triton compaction, in place),
 free the tail slots or pages, and fix SGLang's lengths. Lengths stay physical; the request's position offset
-grows by what was dropped, and the decode step adds it to positions.
+grows by what was dropped, and the decode step adds it to positions. Each chunk of a step runs inputs -> select ->
+move -> commit; the step returns a StepReport (report.py) that the counters, debug mode (checks.py) and tests read.
 
 Decisions (who compacts, how many tokens stay) come only from host state that every TP rank shares: lengths,
 prefix lengths and budgets. Nothing here reads a GPU value back on the host, except the one check of the
@@ -15,24 +16,24 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 
 import torch
 
 from ..compaction import plan, scorer_for
 from ..config import PolicyConfig
-from ..kernels.compaction import compact_kv
+from ..kernels.compaction import compact_kv, tail_pages, tail_to_free
 from ..kernels.gather import gather_dense
 from ..kernels.scoring import window_attention_pool
 from ..scorers.base import ScoreInputs, WindowAttention
 from . import workspace
 from .admission import MIN_DECODE_STEPS
+from .checks import (check_invariants, check_pinned_in_place, free_before, verify_decode_lse, workspace_peak_end,
+                     workspace_peak_start)
 from .counters import Timer, now
+from .report import NOTHING, ChunkReport, RequestReport, StepReport, Trace
 from .request_state import RequestState, state_of
 from .runtime import Runtime
-from .sglang_compat import allocated_len, committed_len, pool_idx, protected_len, shrink_kv
-
-logger = logging.getLogger("sglang_ams")
+from .sglang_compat import pool_idx, protected_len, shrink_kv
 
 ATTENTION_SCORERS = ("tova", "snapkv", "h2o", "rkv")
 # A request decodes at least MIN_DECODE_STEPS (admission.py) steps before its first compaction: under the overlap
@@ -103,10 +104,28 @@ class Due:
     def pinned(self) -> int:
         return max(self.prefix, self.state.cfg.sink)
 
+    def report(self, freed: int = 0) -> RequestReport:
+        return RequestReport(self.req.rid, pool_idx(self.req), self.length, self.prefix, self.keep, self.pinned, freed)
+
+
+@dataclasses.dataclass
+class Launch:
+    """The index tensors one chunk's kernels share (host values copied to the device once)."""
+    layers: range
+    k_ptrs: torch.Tensor
+    v_ptrs: torch.Tensor
+    rows: torch.Tensor       # req_pool_idx per request
+    lengths: torch.Tensor    # int32 physical lengths
+    n_keep: torch.Tensor
+    n_pinned: torch.Tensor
+    t_max: int
+    k_max: int
+
 
 class Compactor:
-    def __init__(self, rt: Runtime):
+    def __init__(self, rt: Runtime, trace: bool = False):
         self.rt = rt
+        self.trace = trace          # keep each chunk's selection inputs in its report (tests; holds memory)
         self._scorers: dict = {}
         self._timer = Timer(rt.device)
 
@@ -156,32 +175,35 @@ class Compactor:
         return due + join if due else []
 
     # --- the step --------------------------------------------------------------------------------------
-    def step(self, batch) -> int:
-        """Compact every due request of a decode batch; returns how many were compacted."""
+    def step(self, batch) -> StepReport:
+        """Compact every due request of a decode batch; returns what was done."""
         if not batch.reqs:
-            return 0
+            return NOTHING
         due = self.due_requests(batch)
         if not due:
-            return 0
+            return NOTHING
         start = now()
         rt = self.rt
         if rt.overlap and rt.forward_stream is not None:
             # The previous forward may still read these KV slots and write the newest K/V and queries.
             torch.cuda.current_stream().wait_stream(rt.forward_stream)
+        available = free_before(rt)
         groups: dict = {}
         for d in due:
             groups.setdefault(group_key(d.state.cfg), []).append(d)
+        chunks = []
         for items in groups.values():
             for chunk in self.chunks(items):
                 # Per chunk: what earlier chunks committed (credit) is state, not this chunk's workspace.
                 peak = workspace_peak_start(rt.device)
-                self._compact_group([items[i] for i in chunk.members], chunk.layers)
-                rt.counters.workspace_peak(workspace_peak_end(rt.device, peak))
+                done = self._compact_chunk([items[i] for i in chunk.members], chunk.layers)
+                chunks.append(dataclasses.replace(done, workspace_peak=workspace_peak_end(rt.device, peak)))
         self._shrink_batch(batch, due)
-        rt.counters.step_done(now() - start)
+        report = StepReport(tuple(chunks), now() - start)
+        rt.counters.step_done(report)
         if rt.settings.debug_checks:
-            check_invariants(rt, batch)
-        return len(due)
+            check_invariants(rt, batch, report, available)
+        return report
 
     def chunk_cost(self, cfg: PolicyConfig) -> workspace.ChunkCost:
         shape = self.rt.shape
@@ -196,26 +218,53 @@ class Compactor:
         return workspace.plan_chunks([d.length for d in items], self.rt.shape.num_layers, cost,
                                      self.rt.workspace_bytes)
 
-    def _compact_group(self, items: list[Due], layers: range | None = None) -> None:
-        """Score, select and move the KV of `items` over `layers` (default: all); after a request's last layer
-        chunk, commit it (free its tail, fix lengths and offsets)."""
+    def _compact_chunk(self, items: list[Due], layers: range | None = None) -> ChunkReport:
+        """Inputs, selection and move of the KV of `items` over `layers` (default: all); after a request's last
+        layer chunk, commit it (free its tail, fix lengths and offsets)."""
+        shape = self.rt.shape
+        launch = self._launch(items, layers if layers is not None else range(shape.num_layers))
+        cfg = items[0].state.cfg
+        ring_lse = all(d.state.ring_lse for d in items)
+        t0 = self._timer.mark()
+        inputs, credit, decode_lse = self._inputs(items, launch)
+        sel = self._select(items, launch, inputs, credit)
+        trace = Trace(inputs, launch.n_pinned.clone(), launch.n_keep.clone(),
+                      None if credit is None else credit.clone(), sel) if self.trace else None
+        del inputs, credit                              # (their memory is free for the move)
+        t1 = self._timer.mark()
+        self._move(launch, sel)
+        t2 = self._timer.mark()
+        if sel.credit is not None:
+            for j, d in enumerate(items):
+                d.credit_parts.append(sel.credit[j, :, :, : d.keep])
+        committed = launch.layers.stop == shape.num_layers
+        freed = self._commit(items, launch.rows) if committed else [0] * len(items)
+        return ChunkReport(cfg, launch.layers, tuple(d.report(f) for d, f in zip(items, freed)), committed,
+                           ring_lse, decode_lse, gpu_marks=(t0, t1, t2), trace=trace)
+
+    def _launch(self, items: list[Due], layers: range) -> Launch:
+        rt, dev = self.rt, self.rt.device
+        return Launch(
+            layers, rt.k_ptrs[layers.start:layers.stop], rt.v_ptrs[layers.start:layers.stop],
+            rows=torch.tensor([pool_idx(d.req) for d in items], dtype=torch.int64, device=dev),
+            lengths=torch.tensor([d.length for d in items], dtype=torch.int32, device=dev),
+            n_keep=torch.tensor([d.keep for d in items], dtype=torch.int64, device=dev),
+            n_pinned=torch.tensor([d.pinned for d in items], dtype=torch.int64, device=dev),
+            t_max=max(d.length for d in items), k_max=max(d.keep for d in items))
+
+    def _inputs(self, items: list[Due], launch: Launch):
+        """What the scorer reads (window queries, attention, dense K/V) and the carried credit; and whether the
+        window attention took the decode attention's LSE."""
         rt, shape = self.rt, self.rt.shape
-        layers = layers if layers is not None else range(shape.num_layers)
         cfg = items[0].state.cfg
         dev = rt.device
         r2t = rt.req_to_token_pool.req_to_token
+        layers, rows, lengths, t_max = launch.layers, launch.rows, launch.lengths, launch.t_max
         n, nl = len(items), len(layers)
-        k_ptrs, v_ptrs = rt.k_ptrs[layers.start:layers.stop], rt.v_ptrs[layers.start:layers.stop]
-        t_max = max(d.length for d in items)
-        k_max = max(d.keep for d in items)
-        rows = torch.tensor([pool_idx(d.req) for d in items], dtype=torch.int64, device=dev)
-        lengths = torch.tensor([d.length for d in items], dtype=torch.int32, device=dev)
-        n_keep = torch.tensor([d.keep for d in items], dtype=torch.int64, device=dev)
-        n_pinned = torch.tensor([d.pinned for d in items], dtype=torch.int64, device=dev)
-
-        t0 = self._timer.mark()
+        k_ptrs, v_ptrs = launch.k_ptrs, launch.v_ptrs
         scorer = self._scorer(cfg)
         queries = query_pos = attn = row_lse = None
+        decode_lse = False
         if cfg.needs_queries:
             ring_rows = torch.tensor([d.state.ring_row for d in items], dtype=torch.int64, device=dev)
             newest = torch.tensor([d.length - 1 + d.state.pos_offset for d in items], dtype=torch.int64, device=dev)
@@ -230,35 +279,35 @@ class Compactor:
                 row_lse = rt.ring.window_lse(ring_rows, newest, layers)     # keys are then read once
             mean_rows, last_row = attention(row_lse=row_lse)
             if row_lse is not None and (rt.decode_lse_ok is None or rt.settings.debug_checks):
-                mean_rows, last_row = self._verify_decode_lse(attention, mean_rows, last_row, items)
-            if row_lse is not None and rt.decode_lse_ok:
-                rt.counters.decode_lse_launches += 1
+                mean_rows, last_row = verify_decode_lse(rt, attention, mean_rows, last_row, items)
+            decode_lse = row_lse is not None and bool(rt.decode_lse_ok)
             attn = WindowAttention(mean_rows=mean_rows, last_row=last_row)
         keys, values = self._dense_kv(scorer, k_ptrs, v_ptrs, rows, lengths, n, nl, t_max)
         inputs = ScoreInputs(keys=keys, values=values, lengths=lengths.long(), queries=queries,
                              query_pos=query_pos, rope=rt.rope, scale=shape.scale, attn=attn,
                              layer_start=layers.start, model_layers=shape.num_layers)
         credit = self._credit(items, t_max, layers) if cfg.policy == "ams" and cfg.use_credit else None
-        sel = plan(cfg, scorer, inputs, n_pinned, n_keep, credit, k_max=k_max)
-        del keys, values, inputs, attn, credit          # (their memory is free for the move)
-        t1 = self._timer.mark()
-        if rt.settings.debug_checks:
-            check_pinned_in_place(sel.indices, items)
-        compact_kv(k_ptrs, v_ptrs, r2t, rows, sel.indices, n_keep, kv_dtype=shape.dtype,
-                   num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim, slot_stride=rt.slot_stride)
-        t2 = self._timer.mark()
-        rt.counters.gpu_span("score", t0, t1)
-        rt.counters.gpu_span("compact", t1, t2)
-        if sel.credit is not None:
-            for j, d in enumerate(items):
-                d.credit_parts.append(sel.credit[j, :, :, : d.keep])
-        if layers.stop == shape.num_layers:
-            self._commit(items, rows)
+        return inputs, credit, decode_lse
 
-    def _commit(self, items: list[Due], rows: torch.Tensor) -> None:
-        """A request's KV is compacted on every layer: free its tail, shorten its lengths, grow its offset."""
+    def _select(self, items: list[Due], launch: Launch, inputs: ScoreInputs, credit):
+        cfg = items[0].state.cfg
+        sel = plan(cfg, self._scorer(cfg), inputs, launch.n_pinned, launch.n_keep, credit, k_max=launch.k_max)
+        if self.rt.settings.debug_checks:
+            check_pinned_in_place(sel.indices, items)
+        return sel
+
+    def _move(self, launch: Launch, sel) -> None:
+        rt, shape = self.rt, self.rt.shape
+        compact_kv(launch.k_ptrs, launch.v_ptrs, rt.req_to_token_pool.req_to_token, launch.rows, sel.indices,
+                   launch.n_keep, kv_dtype=shape.dtype, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
+                   slot_stride=rt.slot_stride)
+
+    def _commit(self, items: list[Due], rows: torch.Tensor) -> list[int]:
+        """A request's KV is compacted on every layer: free its tail, shorten its lengths, grow its offset.
+        Returns the slots freed per request."""
         rt = self.rt
-        self._free_tails(items)
+        freed = free_tails(rt.allocator, rt.req_to_token_pool.req_to_token, [pool_idx(d.req) for d in items],
+                           [d.keep for d in items], [d.length for d in items])
         offsets = []
         for d in items:
             dropped = d.length - d.keep
@@ -275,28 +324,8 @@ class Compactor:
                 rt.ring.release(pool_idx(d.req), st.ring_row)
                 st.ring_row, st.ring_start, st.ring_lse = 0, -1, True
             offsets.append(st.pos_offset)
-            rt.counters.record(d.length, d.keep)
         rt.pos_offsets[rows] = torch.tensor(offsets, dtype=torch.int64, device=rt.device)
-
-    def _verify_decode_lse(self, attention, mean_rows, last_row, items):
-        """The first scoring from the decode attention's LSE (every one in debug mode) is recomputed by the
-        kernel's own two passes and compared: one host sync per server. On a mismatch (an attention kernel with
-        another LSE convention) the server logs it and recomputes from then on; debug mode raises instead."""
-        rt = self.rt
-        check_mean, check_last = attention()
-        try:
-            check_decode_lse(mean_rows, check_mean, items)
-        except AssertionError as err:
-            if rt.settings.debug_checks:
-                raise
-            logger.warning("sglang-ams: %s; scoring recomputes the LSE from now on", err)
-            rt.decode_lse_ok = False
-            return check_mean, check_last
-        if rt.decode_lse_ok is None:
-            logger.info("sglang-ams: window attention from the decode attention's LSE matches the recomputed one; "
-                        "scoring reads each key once")
-        rt.decode_lse_ok = True
-        return mean_rows, last_row
+        return freed
 
     def _dense_kv(self, scorer, k_ptrs, v_ptrs, rows, lengths, n, nl, t_max):
         shape, rt = self.rt.shape, self.rt
@@ -321,21 +350,6 @@ class Compactor:
                 credit[j, :, :, : c.shape[-1]] = c
         return credit
 
-    def _free_tails(self, items: list[Due]) -> None:
-        """Free what lies past the kept tokens: slots (page size 1) or whole pages past the last partial one."""
-        rt = self.rt
-        r2t = rt.req_to_token_pool.req_to_token
-        ps = rt.page_size
-        allocator = rt.allocator
-        if ps == 1:
-            tails = [r2t[pool_idx(d.req), d.keep: d.length] for d in items]
-            allocator.free(torch.cat(tails).to(torch.int64))
-            return
-        for d in items:
-            aligned = -(-d.keep // ps) * ps
-            if aligned < d.length:
-                allocator.free_segment(r2t[pool_idx(d.req), aligned: d.length].to(torch.int64), start_pos=aligned)
-
     def _shrink_batch(self, batch, due: list[Due]) -> None:
         """New length tensors (the in-flight forward and batch copies still hold the old ones)."""
         delta = [0] * len(batch.reqs)
@@ -353,47 +367,10 @@ class Compactor:
         batch.batch_is_full = False
 
 
-def check_decode_lse(got: torch.Tensor, recomputed: torch.Tensor, items: list[Due]) -> None:
-    """Debug mode: window attention from the decode attention's LSE equals the kernel's own two-pass result
-    (catches a wrong LSE convention or a query/LSE mismatch in the ring)."""
-    err = float((got - recomputed).abs().max())
-    scale = float(recomputed.abs().max())
-    logger.debug("sglang-ams: decode-LSE window attention max abs error %.3g (max value %.3g)", err, scale)
-    if not torch.allclose(got, recomputed, atol=2e-4, rtol=2e-2):
-        raise AssertionError(f"window attention from the decode LSE differs from the recomputed one by {err:.3g} "
-                             f"(max value {scale:.3g}) for requests {[d.req.rid for d in items]}")
-
-
-def workspace_peak_start(device: torch.device):
-    """Allocated bytes before the step, with the allocator's peak reset (host-side statistics: no sync)."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.reset_peak_memory_stats(device)
-    return torch.cuda.memory_allocated(device)
-
-
-def workspace_peak_end(device: torch.device, before) -> int:
-    """The step's transient peak: the allocator's peak since the start, above what was allocated then."""
-    if before is None:
-        return 0
-    return max(0, torch.cuda.max_memory_allocated(device) - before)
-
-
-def check_pinned_in_place(indices: torch.Tensor, items: list[Due]) -> None:
-    """Debug mode: slot j < pinned keeps token j, so the move never writes a tree-owned (or sink) slot."""
-    for j, d in enumerate(items):
-        head = indices[j, ..., : d.pinned]
-        want = torch.arange(d.pinned, device=indices.device).expand_as(head)
-        if not torch.equal(head, want):
-            raise AssertionError(f"request {d.req.rid}: the selection moves pinned tokens (pinned {d.pinned}); "
-                                 "compaction would write slots the radix tree owns")
-
-
-def check_invariants(rt: Runtime, batch) -> None:
-    """Debug mode: SGLang's lengths agree with each other and the pinned prefix is page-aligned."""
-    lengths = batch.seq_lens_cpu.tolist()
-    for i, req in enumerate(batch.reqs):
-        assert committed_len(req) == allocated_len(req) == lengths[i], \
-            (req.rid, committed_len(req), allocated_len(req), lengths[i])
-        assert protected_len(req) % rt.page_size == 0, (req.rid, protected_len(req))
-        assert protected_len(req) <= lengths[i]
+def free_tails(allocator, req_to_token: torch.Tensor, rows: list, keeps: list, lengths: list) -> list[int]:
+    """Give SGLang's allocator what lies past each request's kept tokens: slots (page size 1) or the whole pages
+    past the last partly kept one. One call for all requests; returns the slots freed per request."""
+    ps = allocator.page_size
+    # Whole pages, page-aligned: free_segment takes one slot per page (no torch.unique, so no device sync).
+    allocator.free_segment(tail_to_free(req_to_token, rows, keeps, lengths, ps), start_pos=0)
+    return (tail_pages(keeps, lengths, ps)[1] * ps).tolist()

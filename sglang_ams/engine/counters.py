@@ -40,16 +40,23 @@ class Counters:
         self.tokens_kept += kept
         self.tokens_freed += before - kept
 
-    def step_done(self, seconds: float) -> None:
+    def step_done(self, report) -> None:
+        """Add one compaction step (engine.report.StepReport)."""
+        for r in report.requests:
+            self.record(r.length, r.keep)
+        for chunk in report.chunks:
+            start, scored, moved = chunk.gpu_marks
+            self.gpu_span("score", start, scored)
+            self.gpu_span("compact", scored, moved)
+            self.workspace_peak_bytes = max(self.workspace_peak_bytes, chunk.workspace_peak)
+            self.decode_lse_launches += chunk.decode_lse
+        seconds = report.host_seconds
         self.launches += 1
         self.host_seconds += seconds
         if self.launches == 1:
             self.first_step_seconds = seconds
         else:
             self.step_seconds_max = max(self.step_seconds_max, seconds)
-
-    def workspace_peak(self, peak: int) -> None:
-        self.workspace_peak_bytes = max(self.workspace_peak_bytes, peak)
 
     def gpu_span(self, kind: str, start, end) -> None:
         if start is not None:

@@ -279,6 +279,13 @@ def free_page_ids(allocator):
     return torch.cat([allocator.free_pages, allocator.release_pages])
 
 
+def in_free_group(allocator) -> bool:
+    """Whether the allocator only stages frees (between free_group_begin and free_group_end)."""
+    if hasattr(allocator, "is_not_in_free_group"):       # 0.5.17; newer SGLang: free_group is None outside one
+        return not allocator.is_not_in_free_group
+    return getattr(allocator, "free_group", None) is not None
+
+
 def reserved_for_running(adder) -> float:
     """Tokens a PrefillAdder holds back for the running requests' future decode tokens."""
     budget = getattr(adder, "memory_budget", None)       # newer SGLang keeps admission arithmetic there

@@ -1,0 +1,94 @@
+"""Debug mode (--ams-debug-checks) and the workspace statistics of the compaction step: host-side checks of what
+a step did, some of which read GPU values back (and so sync)."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .report import StepReport
+from .runtime import Runtime
+from .sglang_compat import allocated_len, committed_len, in_free_group, pool_idx, protected_len
+
+logger = logging.getLogger("sglang_ams")
+
+
+def check_decode_lse(got: torch.Tensor, recomputed: torch.Tensor, items) -> None:
+    """Debug mode: window attention from the decode attention's LSE equals the kernel's own two-pass result
+    (catches a wrong LSE convention or a query/LSE mismatch in the ring)."""
+    err = float((got - recomputed).abs().max())
+    scale = float(recomputed.abs().max())
+    logger.debug("sglang-ams: decode-LSE window attention max abs error %.3g (max value %.3g)", err, scale)
+    if not torch.allclose(got, recomputed, atol=2e-4, rtol=2e-2):
+        raise AssertionError(f"window attention from the decode LSE differs from the recomputed one by {err:.3g} "
+                             f"(max value {scale:.3g}) for requests {[d.req.rid for d in items]}")
+
+
+def verify_decode_lse(rt: Runtime, attention, mean_rows, last_row, items):
+    """The first scoring from the decode attention's LSE (every one in debug mode) is recomputed by the
+    kernel's own two passes and compared: one host sync per server. On a mismatch (an attention kernel with
+    another LSE convention) the server logs it and recomputes from then on; debug mode raises instead."""
+    check_mean, check_last = attention()
+    try:
+        check_decode_lse(mean_rows, check_mean, items)
+    except AssertionError as err:
+        if rt.settings.debug_checks:
+            raise
+        logger.warning("sglang-ams: %s; scoring recomputes the LSE from now on", err)
+        rt.decode_lse_ok = False
+        return check_mean, check_last
+    if rt.decode_lse_ok is None:
+        logger.info("sglang-ams: window attention from the decode attention's LSE matches the recomputed one; "
+                    "scoring reads each key once")
+    rt.decode_lse_ok = True
+    return mean_rows, last_row
+
+
+def workspace_peak_start(device: torch.device):
+    """Allocated bytes before the step, with the allocator's peak reset (host-side statistics: no sync)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def workspace_peak_end(device: torch.device, before) -> int:
+    """The step's transient peak: the allocator's peak since the start, above what was allocated then."""
+    if before is None:
+        return 0
+    return max(0, torch.cuda.max_memory_allocated(device) - before)
+
+
+def check_pinned_in_place(indices: torch.Tensor, items) -> None:
+    """Debug mode: slot j < pinned keeps token j, so the move never writes a tree-owned (or sink) slot."""
+    for j, d in enumerate(items):
+        head = indices[j, ..., : d.pinned]
+        want = torch.arange(d.pinned, device=indices.device).expand_as(head)
+        if not torch.equal(head, want):
+            raise AssertionError(f"request {d.req.rid}: the selection moves pinned tokens (pinned {d.pinned}); "
+                                 "compaction would write slots the radix tree owns")
+
+
+def free_before(rt: Runtime):
+    """The allocator's free size before a step, when debug mode will compare it with the report (else None)."""
+    return rt.allocator.available_size() if rt.settings.debug_checks else None
+
+
+def check_invariants(rt: Runtime, batch, report: StepReport, available_before=None) -> None:
+    """Debug mode: SGLang's lengths agree with each other and with the report, the pinned prefix is page-aligned,
+    and the allocator got back exactly the slots the report says."""
+    lengths = batch.seq_lens_cpu.tolist()
+    for i, req in enumerate(batch.reqs):
+        assert committed_len(req) == allocated_len(req) == lengths[i], \
+            (req.rid, committed_len(req), allocated_len(req), lengths[i])
+        assert protected_len(req) % rt.page_size == 0, (req.rid, protected_len(req))
+        assert protected_len(req) <= lengths[i]
+    rows = {pool_idx(req): (req, lengths[i]) for i, req in enumerate(batch.reqs)}
+    for r in report.requests:
+        req, length = rows[r.row]
+        assert req.rid == r.rid and length == r.keep, (r, length)
+    # (inside a free group the allocator only stages frees; the scheduler runs the step outside one)
+    if available_before is not None and not in_free_group(rt.allocator):
+        grown = rt.allocator.available_size() - available_before
+        assert grown == report.freed, f"the allocator got {grown} slots back, the report says {report.freed}"
+    logger.debug("sglang-ams: compaction step: %s", report.summary())

@@ -1,0 +1,102 @@
+"""Per-request overrides in one batch, batch slack, and where the window attention takes its LSE."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sglang_ams.config import PolicyConfig
+from sglang_ams.engine import request_state
+from sglang_ams.engine import sglang_compat as compat
+from sglang_ams.engine.compactor import needs_attention
+
+from .checks import compacted, step
+from .harness import MARKS, DecodeAttention, add_request, make_batch, make_env
+
+pytestmark = MARKS
+
+
+def test_mixed_overrides_compact_in_one_step():
+    """Streaming (no queries), top-k KeyDiff (keys, no queries), AMS+TOVA and the server default in one batch.
+    Regression: a streaming override on a server whose scorer reads attention used to run the attention
+    kernel with no queries (fixed by compactor.needs_attention)."""
+    env = make_env()
+    overrides = {"stream": "streaming", "keydiff": {"policy": "topk", "scorer": "keydiff"},
+                 "tova": {"policy": "ams", "scorer": "tova"}, "default": None, "off": "none"}
+    reqs = [add_request(env, rid, list(range(2000 + 100 * i, 2046 + 100 * i)), override=o)
+            for i, (rid, o) in enumerate(overrides.items())]
+    batch = make_batch(env, reqs)
+    off_row = env.r2t[compat.pool_idx(reqs[-1])].clone()
+    seen = {}
+    for _ in range(12):
+        for g in step(env, batch).chunks:
+            seen.setdefault((g.cfg.policy, g.cfg.scorer), []).extend(it.rid for it in g.requests)
+    assert seen == {("streaming", "snapkv"): ["stream"], ("topk", "keydiff"): ["keydiff"],
+                    ("ams", "tova"): ["tova"], ("ams", "snapkv"): ["default"]}
+    off = reqs[-1]
+    assert request_state.existing_state(off) is None and compat.committed_len(off) == 46 + 12
+    assert torch.equal(env.r2t[compat.pool_idx(off), :46], off_row[:46])
+    assert int(env.rt.pos_offsets[compat.pool_idx(off)]) == 0
+
+
+def test_needs_attention():
+    server = PolicyConfig(policy="ams", scorer="tova")
+    assert needs_attention(server)
+    assert not needs_attention(server.replace(policy="streaming"))
+    assert not needs_attention(server.replace(policy="topk", scorer="keydiff"))
+    assert needs_attention(server.replace(policy="topk", scorer="snapkv"))
+    assert not needs_attention(server.replace(policy="topk", scorer="expected_attention"))
+    assert needs_attention(server.replace(scorer="expected_attention"))     # AMS mass reads attention
+
+
+@pytest.mark.parametrize("slack", [0.0, 0.5])
+def test_batch_slack_joins_a_due_request(slack):
+    """With slack 0.5 (8 of 16 interval tokens) a request 4 tokens short of its trigger, with a full window,
+    compacts in the same step as a request at its trigger; alone it never compacts early. With slack 0 each
+    compacts at its own trigger."""
+    env = make_env(batch_slack=slack)
+    a = add_request(env, "a", list(range(2000, 2030)))      # 30 tokens: trigger 56 at step 27
+    b = add_request(env, "b", list(range(3000, 3034)))      # 34 tokens: trigger 56 at step 23
+    batch = make_batch(env, [a, b])
+    history = {n: compacted(step(env, batch)) for n in range(1, 28)}
+    done = {n: c for n, c in history.items() if c}
+    if slack:
+        assert request_state.existing_state(a).compactions == 1
+        assert done == {23: {"b": (56, 40), "a": (52, 40)}}        # a joined 4 tokens early
+        assert env.rt.counters.launches == 1
+    else:
+        assert done == {23: {"b": (56, 40)}, 27: {"a": (56, 40)}}
+        assert env.rt.counters.launches == 2
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_decode_lse_in_another_convention_is_caught(monkeypatch, debug):
+    """An attention kernel reporting its LSE in natural-log units: the first scoring's check catches it; the
+    server logs it and recomputes from then on (debug mode raises instead). Selections stay right."""
+    real_run = DecodeAttention.run
+
+    def natural_log_run(self, *args, **kwargs):
+        out, lse = real_run(self, *args, **kwargs)
+        return out, lse * math.log(2.0)
+    monkeypatch.setattr(DecodeAttention, "run", natural_log_run)
+    env = make_env(debug_checks=debug)
+    reqs = [add_request(env, "a", list(range(2000, 2046))), add_request(env, "b", list(range(3000, 3049)))]
+    batch = make_batch(env, reqs)
+    if debug:
+        with pytest.raises(AssertionError, match="differs from the recomputed one"):
+            for _ in range(12):
+                step(env, batch)
+        return
+    groups = [g for _ in range(12) for g in step(env, batch).chunks]       # check_selection: attention == reference
+    assert groups and env.rt.decode_lse_ok is False and env.rt.counters.decode_lse_launches == 0
+
+
+def test_scoring_lse_recompute():
+    """--ams-scoring-lse recompute: the kernel's own LSE pass, no LSE taken from the decode attention."""
+    env = make_env(scoring_lse="recompute")
+    reqs = [add_request(env, "a", list(range(2000, 2046))), add_request(env, "b", list(range(3000, 3049)))]
+    batch = make_batch(env, reqs)
+    groups = [g for _ in range(12) for g in step(env, batch).chunks]
+    assert groups and not any(g.decode_lse for g in groups) and env.rt.counters.decode_lse_launches == 0
+    assert not env.rt.ring.has_lse

@@ -1,0 +1,54 @@
+"""The report Compactor.step returns, and the counters that consume it."""
+from __future__ import annotations
+
+from sglang_ams.engine import report as report_mod
+from sglang_ams.engine.counters import Counters
+
+from .harness import CFG, LAYERS, MARKS, add_request, forward, make_batch, make_env
+
+pytestmark = MARKS
+
+
+def test_counters_add_up_a_step_report():
+    def req(rid, length, keep, freed=0):
+        return report_mod.RequestReport(rid, 1, length, 0, keep, 4, freed)
+    layer0 = report_mod.ChunkReport(CFG, range(0, 1), (req("a", 60, 40), req("b", 70, 40)), False, True, True,
+                                    workspace_peak=300)
+    layer1 = report_mod.ChunkReport(CFG, range(1, 2), (req("a", 60, 40, 16), req("b", 70, 40, 30)), True, True,
+                                    False, workspace_peak=200)
+    step = report_mod.StepReport((layer0, layer1), host_seconds=0.5)
+    assert [r.rid for r in step.requests] == ["a", "b"] and step.freed == 46      # once, from the committing chunk
+    c = Counters()
+    c.step_done(step)
+    c.step_done(report_mod.StepReport((layer1,), host_seconds=0.25))
+    assert (c.compactions, c.launches, c.tokens_before, c.tokens_kept, c.tokens_freed) == (4, 2, 260, 160, 100)
+    assert c.decode_lse_launches == 1 and c.workspace_peak_bytes == 300
+    assert (c.host_seconds, c.first_step_seconds, c.step_seconds_max) == (0.75, 0.5, 0.25)
+    assert not report_mod.NOTHING and report_mod.NOTHING.requests == () and "a 60->40 (freed 16)" in step.summary()
+
+
+def test_a_layer_chunked_step_reports_every_chunk_and_commits_once():
+    """Under a bound of one layer of one request, a step runs a chunk per (request, layer); each request is
+    committed (freed, counted) once, by its last layer's chunk. Steps with nothing due return NOTHING."""
+    env = make_env(trace=False, page_size=16)
+    reqs = [add_request(env, f"r{i}", list(range(5000 + 100 * i, 5000 + 100 * i + n))) for i, n in enumerate((47, 80))]
+    batch = make_batch(env, reqs)
+    cost = env.compactor.chunk_cost(CFG)
+    env.rt.set_workspace(cost.bytes(1, 1, 100))
+    reports = []
+    for _ in range(12):
+        reports.append(env.compactor.step(batch))
+        batch.prepare_for_decode()
+        forward(env, batch)
+    done = [r for r in reports if r]
+    assert all(r is report_mod.NOTHING for r in reports if not r) and len(done) == 1
+    step = done[0]
+    assert [(c.requests[0].rid, c.layers, c.committed) for c in step.chunks] == \
+        [(rid, range(layer, layer + 1), layer == LAYERS - 1) for rid in ("r1", "r0") for layer in range(LAYERS)]
+    assert [(r.rid, r.length, r.keep) for r in step.requests] == [("r1", 90, 40), ("r0", 57, 40)]   # step 11
+    assert [r.freed for r in step.requests] == [48, 16]                   # pages past align_up(40) = 48
+    assert all(r.freed == 0 for c in step.chunks if not c.committed for r in c.requests)
+    assert env.rt.counters.compactions == 2 and env.rt.counters.launches == 1
+    assert env.rt.counters.tokens_freed == sum(r.dropped for r in step.requests) == 50 + 17
+    assert all(c.trace is None and c.gpu_marks == (None, None, None) for c in step.chunks)
+    assert batch.seq_lens_cpu.tolist() == [40 + 2, 40 + 2]               # two decode steps since
