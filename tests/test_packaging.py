@@ -2,6 +2,7 @@
 run), and the top-level kernels/ folder never shadows the `kernels` distribution SGLang depends on."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -55,8 +56,15 @@ def test_repo_root_first_on_sys_path_imports_sglangs_kernels():
 
 @pytest.mark.slow
 def test_wheel_layout(tmp_path):
-    """Build the wheel (pip, isolated build: fetches setuptools) and check where every source module lands."""
-    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+    """Build the wheel (pip, isolated build: fetches setuptools) from a copy of the sources (the build leaves
+    build/ behind) and check where every source module lands."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "sglang_ams", "kernels", "patches"):
+        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
+        copy(ROOT / name, src / name, **({"symlinks": True, "ignore": shutil.ignore_patterns("__pycache__")}
+                                         if copy is shutil.copytree else {}))
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(src)],
                          capture_output=True, text=True, cwd=tmp_path)
     if out.returncode:
         pytest.skip(f"no wheel could be built here: {out.stderr[-500:]}")
