@@ -36,7 +36,7 @@ def _check_scheduler(scheduler) -> None:
 def init_hook(result, self, *args, **kwargs):
     from . import engine_hooks, flag_hooks, verify_applied
     settings = settings_of(self.server_args)
-    env = ams_settings.from_environment()
+    env = ams_settings.current()
     if env is None or env != settings:
         raise RuntimeError("sglang-ams: the scheduler's settings differ from the launcher's "
                            f"({ams_settings.ENV_VAR}); was the environment changed between launch and spawn?")

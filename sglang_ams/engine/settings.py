@@ -1,13 +1,12 @@
 """Server-level settings of the plugin: the policy plus the few knobs that only the engine has.
 
-They travel from the launching process to the scheduler processes twice: attached to ServerArgs (pickled with
-it) and as JSON in the environment variable AMS_KV_CONFIG, which a scheduler reads before SGLang hands it the
-ServerArgs (hooks are registered at process start).
+They reach a scheduler process once, as JSON in the environment variable AMS_KV_CONFIG, parsed when the plugin
+registers its hooks at process start (before SGLang hands it the ServerArgs); the copy attached to ServerArgs
+(pickled with it) is only compared against them at scheduler start.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 from typing import Any, Mapping
@@ -93,20 +92,31 @@ def from_user_values(values: Mapping[str, Any]) -> EngineSettings:
     return EngineSettings(policy=PolicyConfig(**policy), **engine)
 
 
+class _ProcessSettings:
+    """This process's settings and the environment text they came from: the launcher sets them (publish), a
+    scheduler process parses AMS_KV_CONFIG the first time it asks. Per-request hooks (the verify hooks in the
+    tokenizer manager) then compare one string, never parse JSON; a changed variable (tests) is parsed again."""
+    text: str | None = None
+    settings: EngineSettings | None = None
+
+
+_PROCESS = _ProcessSettings()
+
+
 def publish(settings: EngineSettings | None) -> None:
-    """Make the settings visible to child processes spawned after this call (the schedulers)."""
+    """Make the settings this process's and visible to child processes spawned after this call (the
+    schedulers)."""
     if settings is None or not settings.enabled:
         os.environ.pop(ENV_VAR, None)
+        _PROCESS.text, _PROCESS.settings = None, None
     else:
-        os.environ[ENV_VAR] = settings.to_json()
+        os.environ[ENV_VAR] = _PROCESS.text = settings.to_json()
+        _PROCESS.settings = settings
 
 
-def from_environment() -> EngineSettings | None:
-    """The published settings; parsed once per distinct value (the verify hook asks on every request)."""
-    text = os.environ.get(ENV_VAR)
-    return _parsed(text) if text else None
-
-
-@functools.lru_cache(maxsize=4)
-def _parsed(text: str) -> EngineSettings:
-    return EngineSettings.from_json(text)       # frozen dataclasses: safe to share
+def current() -> EngineSettings | None:
+    """The published settings of this process (None: no policy was published)."""
+    text = os.environ.get(ENV_VAR) or None
+    if text != _PROCESS.text:
+        _PROCESS.text, _PROCESS.settings = text, (EngineSettings.from_json(text) if text else None)
+    return _PROCESS.settings
