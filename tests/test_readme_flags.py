@@ -57,3 +57,9 @@ def test_the_table_names_the_range_that_validation_enforces():
             with pytest.raises(ConfigError) as err:
                 from_user_values({spec.name: bad[spec.name]})
             assert err.value.field == spec.name and err.value.valid == spec.range.describe()
+
+
+def test_sglang_ams_flags_prints_the_table(capsys):
+    from sglang_ams.cli import main
+    assert main(["flags"]) == 0
+    assert capsys.readouterr().out == readme_flag_table()
