@@ -1,7 +1,8 @@
 """One validated configuration object for a KV policy.
 
-Every field has a user-facing name (the Engine keyword / per-request key) and a CLI flag; errors name both,
-with the valid range, so a bad flag fails at startup and a bad request field becomes an HTTP 400.
+Every field declares its user-facing name (the Engine keyword / per-request key; the CLI flag), help and valid
+range (settings_fields.py); errors name both names and the range, so a bad flag fails at startup and a bad request
+field becomes an HTTP 400. Only the rule that spans fields (interval vs window) is written out here.
 """
 from __future__ import annotations
 
