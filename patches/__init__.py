@@ -30,7 +30,7 @@ def engine_hooks() -> list:
 
 
 def wanted_hooks() -> list:
-    settings = ams_settings.from_environment()
+    settings = ams_settings.current()
     hooks = flag_hooks()
     if settings is not None and settings.enabled:
         hooks = hooks + engine_hooks()

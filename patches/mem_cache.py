@@ -13,26 +13,19 @@ from __future__ import annotations
 import logging
 
 from sglang_ams.engine import request_state
-from sglang_ams.engine import sglang_compat as compat
 from sglang_ams.engine import ring as ams_ring
 from sglang_ams.engine import runtime as ams_runtime
+from sglang_ams.engine import settings as ams_settings
+from sglang_ams.engine import sglang_compat as compat
 from sglang_ams.engine import workspace as ams_workspace
-from sglang_ams.engine.settings import from_environment
 
 logger = logging.getLogger("sglang_ams")
 RADIX = "sglang.srt.mem_cache.radix_cache.RadixCache"
 _RESERVED: dict = {}        # what the profiling hook reserved (KVCacheConfigurator has __slots__)
 
 
-def _policy_state(req):
-    rt = ams_runtime.get()
-    if rt is None:
-        return None, None
-    return rt, request_state.state_of(req, rt.settings.policy)
-
-
 def cache_unfinished_req_hook(orig, self, req, *args, **kwargs):
-    rt, st = _policy_state(req)
+    rt, st = request_state.lookup(req)
     if st is None or rt.settings.prompt_cache == "cached" or self.disable:
         return orig(self, req, *args, **kwargs)
     # Private prompt: keep the request's own KV out of the tree (what ChunkCache does).
@@ -41,7 +34,7 @@ def cache_unfinished_req_hook(orig, self, req, *args, **kwargs):
 
 def checkpoint_kv_cache_hook(orig, req, tree_cache, *args, **kwargs):
     """SGLang with checkpoint(): the same for common.checkpoint_kv_cache (it runs after every prefill chunk)."""
-    rt, st = _policy_state(req)
+    rt, st = request_state.lookup(req)
     if st is None or rt.settings.prompt_cache == "cached" or tree_cache.disable:
         return orig(req, tree_cache, *args, **kwargs)
     compat.keep_extend_private(req, tree_cache.req_to_token_pool.req_to_token)
@@ -61,11 +54,9 @@ def release_kv_cache_hook(result, req, *args, **kwargs):
     if rt is None or st is None:
         return result
     idx = getattr(req, "_ams_pool_idx", None)
-    if st.ring_row and idx is not None:
-        rt.ring.release(idx, st.ring_row)
+    st.release_ring_row(rt.ring, idx)
     if idx is not None and st.pos_offset:
         rt.pos_offsets[idx] = 0
-    st.ring_row, st.ring_start, st.ring_lse = 0, -1, True
     return result
 
 
@@ -104,7 +95,7 @@ def workspace_bound(settings, dims: dict, context_len: int, kv_bytes: int) -> in
 
 def profile_available_bytes_hook(orig, self, *args, **kwargs):
     available = orig(self, *args, **kwargs)
-    settings = from_environment()
+    settings = ams_settings.current()
     if settings is None or not settings.enabled or getattr(self, "is_draft_worker", False):
         return available
     p = settings.policy
@@ -132,7 +123,7 @@ def credit_fraction(dims: dict) -> float:
 def alloc_memory_pool_hook(result, self, *args, **kwargs):
     if getattr(self, "is_draft_worker", False):
         return result
-    settings = from_environment()
+    settings = ams_settings.current()
     if settings is None or not settings.enabled:
         return result
     from sglang_ams.rope import inv_freq_from_config

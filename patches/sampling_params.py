@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from sglang_ams.config import ConfigError, request_override
 from sglang_ams.engine.request_state import REQUEST_KEY
-from sglang_ams.engine.settings import from_environment
+from sglang_ams.engine import settings as ams_settings
 
 
 def verify_hook(result, self, *args, **kwargs):
@@ -17,7 +17,7 @@ def verify_hook(result, self, *args, **kwargs):
     params = self.custom_params
     if not isinstance(params, dict) or REQUEST_KEY not in params:
         return result
-    server = from_environment()
+    server = ams_settings.current()
     if server is None or not server.enabled:
         return result
     try:

@@ -3,17 +3,9 @@ admission counts each policy request's cap, so memory freed by compaction admits
 from __future__ import annotations
 
 from sglang_ams.engine import admission, request_state
-from sglang_ams.engine import runtime as ams_runtime
 from sglang_ams.engine import sglang_compat as compat
 
 ADDER = "sglang.srt.managers.schedule_policy.PrefillAdder"
-
-
-def _state(req):
-    rt = ams_runtime.get()
-    if rt is None:
-        return None, None
-    return rt, request_state.state_of(req, rt.settings.policy)
 
 
 def _pinned_at_admission(rt, req) -> int:
@@ -24,7 +16,7 @@ def _pinned_at_admission(rt, req) -> int:
 
 def running_offset_hook(orig, self, req):
     value = orig(self, req)
-    rt, st = _state(req)
+    rt, st = request_state.lookup(req)
     if st is None:
         return value
     bound = admission.running_reservation(compat.committed_len(req), compat.protected_len(req), st.cfg)
@@ -33,7 +25,7 @@ def running_offset_hook(orig, self, req):
 
 def _clamped(orig, self, req, *args, **kwargs):
     """Run an admission check with max_new_tokens reduced to what the request can really hold."""
-    rt, st = _state(req)
+    rt, st = request_state.lookup(req)
     if st is None:
         return orig(self, req, *args, **kwargs)
     sp = req.sampling_params
@@ -61,7 +53,7 @@ def init_req_max_new_tokens_hook(orig, self, req):
     the context length (RoPE positions) still does."""
     requested = req.sampling_params.max_new_tokens
     orig(self, req)
-    rt, st = _state(req)
+    rt, st = request_state.lookup(req)
     if st is None or getattr(req, "to_finish", None) is not None:     # (newer SGLang aborts prompts too long here)
         return
     limit = requested if requested is not None else 1 << 30

@@ -3,20 +3,17 @@ process, the compaction step between decode steps, and the counters in the log a
 from __future__ import annotations
 
 import logging
-import time
 
 from sglang_ams.engine import runtime as ams_runtime
 from sglang_ams.engine import settings as ams_settings
 from sglang_ams.engine import sglang_compat as compat
-from sglang_ams.engine.compactor import Compactor
+from sglang_ams.engine.scheduler_engine import ATTR, SchedulerEngine
 
 from .server_args import settings_of
 
 logger = logging.getLogger("sglang_ams")
 SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
 REPORTER = "sglang.srt.managers.scheduler_components.metrics_reporter.SchedulerMetricsReporter"
-ATTR = "_ams_compactor"
-LOG_EVERY_S = 10.0
 
 
 def _check_scheduler(scheduler) -> None:
@@ -36,7 +33,7 @@ def _check_scheduler(scheduler) -> None:
 def init_hook(result, self, *args, **kwargs):
     from . import engine_hooks, flag_hooks, verify_applied
     settings = settings_of(self.server_args)
-    env = ams_settings.from_environment()
+    env = ams_settings.current()
     if env is None or env != settings:
         raise RuntimeError("sglang-ams: the scheduler's settings differ from the launcher's "
                            f"({ams_settings.ENV_VAR}); was the environment changed between launch and spawn?")
@@ -47,12 +44,15 @@ def init_hook(result, self, *args, **kwargs):
         raise RuntimeError(f"sglang-ams: the KV-pool hook did not run in the {where}")
     _check_scheduler(self)
     rt.attach_scheduler(self)
-    setattr(self, ATTR, Compactor(rt))
+    engine = SchedulerEngine(rt)
+    setattr(self, ATTR, engine)
     if settings.warmup:
         from sglang_ams.engine.warmup import warm_up
         rt.counters.warmup_seconds = warm_up(rt)
         logger.info("sglang-ams: compaction kernels compiled in %.1f s", rt.counters.warmup_seconds)
-    _init_prometheus(self, rt)
+    reporter = getattr(self, "metrics_reporter", None)
+    if reporter is not None and getattr(reporter, "enable_metrics", False):
+        engine.enable_prometheus(dict(getattr(reporter.metrics_collector, "labels", {}) or {}))
     p = settings.policy
     logger.info("sglang-ams: policy %s, scorer %s, budget %d, interval %d, window %d, prompt %s; ring %s; "
                 "static overhead %.1f MiB = %.2f%% of the KV pool; compaction workspace %.1f MiB = %.2f%% "
@@ -75,64 +75,17 @@ def update_running_batch_hook(orig, self, batch):
     return orig(self, batch)
 
 
-# --- counters ----------------------------------------------------------------------------------------------
-_PROM = {}
-_last = {"log": 0.0, "seen": {}}
-
-
-def _init_prometheus(scheduler, rt) -> None:
-    reporter = getattr(scheduler, "metrics_reporter", None)
-    if reporter is None or not getattr(reporter, "enable_metrics", False) or _PROM:
-        return
-    from prometheus_client import Counter, Gauge
-    labels = dict(getattr(reporter.metrics_collector, "labels", {}) or {})
-    names = list(labels)
-
-    def counter(name, doc):
-        return Counter(f"sglang_ams:{name}", doc, labelnames=names)
-    _PROM.update(
-        labels=labels,
-        compactions=counter("compactions_total", "Request compactions"),
-        steps=counter("compaction_steps_total", "Compaction steps (one launch set for all requests compacting)"),
-        tokens_freed=counter("tokens_freed_total", "KV tokens freed by compaction"),
-        ring_waits=counter("ring_waits_total", "Compactions delayed because no query-ring row was free"),
-        score_ms=counter("score_ms_total", "GPU milliseconds spent scoring and selecting"),
-        compact_ms=counter("compact_ms_total", "GPU milliseconds spent moving KV"),
-        host_s=counter("host_seconds_total", "Scheduler seconds spent in the compaction step"),
-        kept_ratio=Gauge("sglang_ams:kept_ratio", "Kept / physical tokens over all compactions",
-                         labelnames=names, multiprocess_mode="mostrecent"),
-    )
-
-
 def report_decode_stats_hook(result, self, *args, **kwargs):
-    rt = ams_runtime.get()
-    if rt is None:
-        return result
-    snap = rt.counters.snapshot()
-    if _PROM:
-        seen = _last["seen"]
-        for key, field in (("compactions", "compactions"), ("steps", "launches"), ("tokens_freed", "tokens_freed"),
-                           ("ring_waits", "ring_waits"), ("score_ms", "score_gpu_ms"),
-                           ("compact_ms", "compact_gpu_ms"), ("host_s", "host_seconds")):
-            delta = snap[field] - seen.get(field, 0)
-            if delta > 0:
-                _PROM[key].labels(**_PROM["labels"]).inc(delta)
-            seen[field] = snap[field]
-        _PROM["kept_ratio"].labels(**_PROM["labels"]).set(snap["kept_ratio"])
-    now = time.monotonic()
-    if now - _last["log"] >= LOG_EVERY_S and snap["compactions"]:
-        _last["log"] = now
-        logger.info(rt.counters.summary())
+    engine = getattr(getattr(self, "scheduler", None), ATTR, None)
+    if engine is not None:
+        engine.report()
     return result
 
 
 def internal_state_hook(result, self, *args, **kwargs):
-    """The counters in /get_server_info and Engine.get_server_info() (internal_states[i]["sglang_ams"])."""
-    rt = ams_runtime.get()
-    if rt is not None and isinstance(getattr(result, "internal_state", None), dict):
-        p = rt.settings.policy
-        result.internal_state["sglang_ams"] = {**rt.counters.snapshot(), "policy": p.policy, "scorer": p.scorer,
-                                               "budget": p.budget, "interval": p.interval}
+    engine = getattr(self, ATTR, None)
+    if engine is not None and isinstance(getattr(result, "internal_state", None), dict):
+        result.internal_state["sglang_ams"] = engine.internal_state()
     return result
 
 

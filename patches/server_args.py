@@ -6,13 +6,12 @@ that compaction cannot honour yet are refused at startup with a message naming t
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from typing import Any, Callable
 
-from sglang_ams.config import EXTERNAL_NAMES, POLICIES, SCORERS, SEGMENTERS, ConfigError, PolicyConfig
+from sglang_ams.config import ConfigError, PolicyConfig
 from sglang_ams.engine import settings as ams_settings
-from sglang_ams.engine.settings import (ALL_NAMES, ENGINE_NAMES, PROMPT_CACHE_MODES, SCORING_LSE_MODES,
-                                        EngineSettings)
+from sglang_ams.engine.settings import ALL_NAMES, EngineSettings
+from sglang_ams.settings_fields import defaults, specs
 
 MODULE = "sglang.srt.server_args.ServerArgs"
 ATTR = "_ams_settings"
@@ -28,74 +27,15 @@ class UnsupportedFeature(ConfigError):
                                   f"Remove {flag} or run with --kv-policy none.")
 
 
-def _bool(text: str) -> bool:
-    low = str(text).strip().lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-_HELP = {
-    "policy": "KV policy: none (upstream behaviour), topk (global top-k of --kv-scorer), ams (adaptive "
-              "mass-segmented quotas on top of --kv-scorer), streaming (sink + recent).",
-    "budget": "KV tokens each request keeps (beyond a radix-shared prefix), sink and recent tokens included.",
-    "interval": "Compaction runs when a request holds budget + interval tokens.",
-    "scorer": "Token importance used inside segments (ams) or globally (topk).",
-    "window": "Window of recent decode queries whose attention is the evidence (query ring size).",
-    "pool_kernel": "Average-pooling kernel over attention evidence (odd).",
-    "delta": "Mass per AMS segment (segments cut at equal cumulative mass).",
-    "lmin": "Shortest AMS segment; shorter ones merge into a neighbour.",
-    "lmax": "Longest AMS segment; longer ones are split.",
-    "qmin": "Floor quota of tokens every segment keeps.",
-    "keep_lastn": "Most recent tokens always kept.",
-    "sink": "First tokens always kept.",
-    "credit_decay": "EMA decay of the carried credit.",
-    "mass_mix": "Weight of fresh mass against carried credit.",
-    "segmenter": "How segments are cut (fixed_length is an ablation).",
-    "use_credit": "Carry EMA credit across compactions (ablation: false).",
-    "use_mass": "Share the budget by segment mass (ablation: false = by length).",
-    "seed": "Seed of the random scorer.",
-    "triattention_stats": "Calibration statistics for --kv-scorer triattention (empty: estimate from the window).",
-    "prefill_window": "Fill the query window with the prompt's last queries at prefill (SnapKV's observation "
-                      "window): a prompt already past its trigger compacts two decode steps after prefill instead "
-                      "of after a window of decode steps; the scoring of that compaction recomputes the LSE.",
-    "prompt_cache": "private: the prompt stays private to the request and is compressible; cached: it is "
-                    "inserted into the radix tree (shared with later requests) and pinned, only generated "
-                    "tokens are compressed.",
-    "ring_rows": "Rows of the query ring (requests that can collect window queries at once); 0 sizes it from "
-                 "the KV pool.",
-    "debug_checks": "Assert bookkeeping invariants after every compaction (slow; for testing).",
-    "scoring_lse": "decode: window attention uses each window query's log-sum-exp from the decode attention "
-                   "(keys read once); recompute: the scoring kernel computes it (keys read twice).",
-    "workspace_mib": "GPU memory (MiB) a compaction step may use for its temporaries, reserved from the KV budget; "
-                     "groups are split so no step passes it. 0: the larger of 2%% of the KV budget and one layer "
-                     "of one request at the context length.",
-    "warmup": "Compile the compaction kernels at startup, so the first compaction costs what later ones do "
-              "(false: they compile in the first compaction step).",
-    "batch_slack": "A request this fraction of its interval short of its trigger compacts together with a due "
-                   "request (fewer, larger compaction steps); 0 compacts every request exactly at its trigger.",
-}
-_CHOICES = {"policy": POLICIES, "scorer": SCORERS, "segmenter": SEGMENTERS, "prompt_cache": PROMPT_CACHE_MODES,
-            "scoring_lse": SCORING_LSE_MODES}
-
-
 def add_cli_args_hook(result, parser: argparse.ArgumentParser):
+    """Our flags, generated from the settings' declarations (sglang_ams/settings_fields.py)."""
     group = parser.add_argument_group("sglang-ams KV compression")
-    defaults = {**dataclasses.asdict(PolicyConfig()), **{k: getattr(EngineSettings(), k) for k in ENGINE_NAMES}}
-    names = {**EXTERNAL_NAMES, **ENGINE_NAMES}
-    for field, name in names.items():
-        default = defaults[field]
-        kind = type(default)
-        kwargs = dict(dest=name, default=default, help=f"{_HELP[field]} (default: {default!r})")
-        if field in _CHOICES:
-            kwargs["choices"] = _CHOICES[field]
-        elif kind is bool:
-            kwargs.update(type=_bool, metavar="{true,false}")
-        else:
-            kwargs["type"] = kind
-        group.add_argument("--" + name.replace("_", "-"), **kwargs)
+    for cls in (PolicyConfig, EngineSettings):
+        values = defaults(cls)
+        for field, spec in specs(cls).items():
+            default = values[field]
+            helptext = f"{spec.help}; {spec.range.describe()} (default: {default!r})".replace("%", "%%")
+            group.add_argument(spec.flag, dest=spec.name, default=default, help=helptext, **spec.range.argparse())
     return result
 
 

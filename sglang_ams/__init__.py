@@ -1,15 +1,10 @@
-"""sglang-ams: Adaptive Mass-Segmented KV-cache compression for SGLang."""
-from pathlib import Path as _Path
+"""sglang-ams: Adaptive Mass-Segmented KV-cache compression for SGLang.
 
-# Installed, kernels/ and patches/ live inside this package (pyproject maps them). Imported straight from a
-# source checkout (e.g. `python -m sglang.launch_server` started in the repository root, which puts the root
-# first on sys.path), they sit next to it: let the package find them there too.
-_ROOT = _Path(__file__).resolve().parent.parent
-if not (_Path(__file__).parent / "patches").is_dir() and (_ROOT / "patches" / "__init__.py").is_file() \
-        and (_ROOT / "pyproject.toml").is_file():
-    __path__.append(str(_ROOT))  # noqa: F821 - the package's own __path__
-
-from .config import ConfigError, PolicyConfig  # noqa: E402
+kernels/ and patches/ live at the top of the repository; sglang_ams/kernels and sglang_ams/patches are links to
+them (a source checkout imports them like any subpackage) and pyproject maps them into the wheel. kernels/ has no
+__init__.py, so with the repository root on sys.path `import kernels` still finds SGLang's `kernels` dependency.
+"""
+from .config import ConfigError, PolicyConfig
 
 __all__ = ["ConfigError", "PolicyConfig"]
 __version__ = "0.1.0"

@@ -2,6 +2,7 @@
 
     sglang-ams model list
     sglang-ams model build NAME [--cache-dir DIR] [--quiet]     prints the HF folder
+    sglang-ams flags                                            the README's flag table, from the declarations
     sglang-ams demo [--model NAME] [--scorer S] [--budget F|N] [--interval N] [--prompts N] [--out demo.png] [--gsm8k]
 """
 from __future__ import annotations
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cache folder (default: $SGLANG_AMS_CACHE or ~/.cache/sglang-ams)")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    commands.add_parser("flags", help="print the server flags as the README's Markdown table")
     demo = commands.add_parser("demo", help="full KV vs global top-k vs AMS on needle prompts (CPU, ~2-3 min)")
     demo.add_argument("--model", choices=DEMO_MODELS, default="qwen2.5-coder-0.5b")
     demo.add_argument("--scorer", choices=SCORERS, default="keydiff",
@@ -107,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "model":
             return _model_command(args)
+        if args.command == "flags":
+            from .engine.settings import readme_flag_table
+            print(readme_flag_table(), end="")
+            return 0
         return _demo_command(args)
     except ConfigError as err:      # e.g. an interval shorter than the query window
         parser.error(str(err))

@@ -1,13 +1,17 @@
 """One validated configuration object for a KV policy.
 
-Every field has a user-facing name (the Engine keyword / per-request key) and a CLI flag; errors name both,
-with the valid range, so a bad flag fails at startup and a bad request field becomes an HTTP 400.
+Every field declares its user-facing name (the Engine keyword / per-request key; the CLI flag), help and valid
+range (settings_fields.py); errors name both names and the range, so a bad flag fails at startup and a bad request
+field becomes an HTTP 400. Only the rule that spans fields (interval vs window) is written out here.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Mapping
+
+from .settings_fields import ConfigError, short_repr  # noqa: F401 - part of this module's interface
+from .settings_fields import Choice, Flag, Int, Number, Text, setting, specs
+from .settings_fields import validate as validate_fields
 
 POLICIES = ("none", "topk", "ams", "streaming")
 SEGMENTERS = ("equal_mass", "fixed_length")
@@ -19,49 +23,50 @@ MAX_WINDOW = 1024          # window queries per request and layer (the query rin
 QUERY_SCORERS = ("tova", "snapkv", "h2o", "rkv", "expected_attention")
 
 
-class ConfigError(ValueError):
-    """A policy setting is out of range. `field` is the user-facing name (e.g. ``kv_budget``)."""
-
-    def __init__(self, field: str, value: Any, valid: str):
-        self.field, self.value, self.valid = field, value, valid
-        flag = "--" + field.replace("_", "-")
-        super().__init__(f"{field} ({flag}) = {short_repr(value)} is invalid: {valid}")
-
-
-def short_repr(value: Any, limit: int = 80) -> str:
-    """repr for error messages about client input: bounded length, and never raising (a 5000-digit int's repr
-    does: Python's int-to-str limit)."""
-    try:
-        text = repr(value)
-    except Exception:       # noqa: BLE001 - any object a client managed to send
-        text = f"<{type(value).__name__}>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 @dataclasses.dataclass(frozen=True)
 class PolicyConfig:
-    policy: str = "none"
-    budget: int = 1024            # B: KV tokens a request keeps (beyond a radix-shared prefix), sink and recent included
-    interval: int = 512           # compaction runs when the KV reaches budget + interval
-    scorer: str = "snapkv"
-    window: int = 8               # W: window queries kept per request and layer
-    pool_kernel: int = 5          # 1-D average pooling of attention evidence (odd)
-    delta: float = 0.02           # Δ: mass per segment
-    lmin: int = 32                # segments shorter than this are merged into a neighbour
-    lmax: int = 1024              # segments longer than this are split
-    qmin: int = 8                 # per-segment floor quota
-    keep_lastn: int = 32          # R: most recent tokens always kept
-    sink: int = 4                 # first tokens always kept
-    credit_decay: float = 0.8     # λ of the EMA credit
-    mass_mix: float = 0.7         # β: weight of the fresh mass against the carried credit
-    segmenter: str = "equal_mass"
-    use_credit: bool = True       # ablation: no credit
-    use_mass: bool = True         # ablation: uniform mass (quotas by length only)
-    seed: int = 0                 # random scorer
-    triattention_stats: str = ""  # path of calibration statistics; empty: estimate from the window queries
+    policy: str = setting("none", "kv_policy", "none: upstream SGLang, byte-identical; topk: global top-k of the "
+                          "scorer; ams: adaptive mass-segmented quotas on top of the scorer; streaming: sink + recent",
+                          Choice(POLICIES))
+    # B: KV tokens a request keeps (beyond a radix-shared prefix), sink and recent included
+    budget: int = setting(1024, "kv_budget", "KV tokens each request keeps (beyond a radix-shared prefix), sink and "
+                          "recent tokens included",
+                          Int(lambda c: c.sink + c.keep_lastn + 1, MAX_TOKENS, lo_text="ams_sink + ams_keep_lastn + 1",
+                              note=" (more than ams_sink + ams_keep_lastn)"))
+    interval: int = setting(512, "kv_interval", "compaction runs when a request holds budget + interval tokens; at "
+                            "least the window when queries are read", Int(1, MAX_TOKENS))
+    scorer: str = setting("snapkv", "kv_scorer", "token importance inside segments (ams) or globally (topk)",
+                          Choice(SCORERS))
+    window: int = setting(8, "ams_window", "W recent decode queries whose attention is the evidence (size of the "
+                          "query ring)", Int(1, MAX_WINDOW))
+    pool_kernel: int = setting(5, "ams_pool_kernel", "width of the average pooling over the evidence",
+                               Int(1, MAX_WINDOW, odd=True))
+    delta: float = setting(0.02, "ams_delta", "Δ: mass per AMS segment (segments cut at equal cumulative mass)",
+                           Number(0.0, 1.0, lo_open=True))
+    lmin: int = setting(32, "ams_lmin", "shortest AMS segment; shorter ones merge into a neighbour",
+                        Int(1, MAX_TOKENS))
+    lmax: int = setting(1024, "ams_lmax", "longest AMS segment; longer ones are split",
+                        Int(lambda c: c.lmin, MAX_TOKENS, lo_text="ams_lmin", note=" (at least ams_lmin)"))
+    qmin: int = setting(8, "ams_qmin", "floor quota of tokens every segment keeps", Int(0, MAX_TOKENS))
+    keep_lastn: int = setting(32, "ams_keep_lastn", "R: most recent tokens always kept", Int(0, MAX_TOKENS))
+    sink: int = setting(4, "ams_sink", "first tokens always kept", Int(0, MAX_TOKENS))
+    credit_decay: float = setting(0.8, "ams_credit_decay", "λ: EMA decay of the carried credit", Number(0.0, 1.0))
+    mass_mix: float = setting(0.7, "ams_mass_mix", "β: weight of the fresh mass against the carried credit",
+                              Number(0.0, 1.0))
+    segmenter: str = setting("equal_mass", "ams_segmenter", "how segments are cut (fixed_length is the ablation)",
+                             Choice(SEGMENTERS))
+    use_credit: bool = setting(True, "ams_use_credit", "carry the EMA credit across compactions (ablation: false)",
+                               Flag())
+    use_mass: bool = setting(True, "ams_use_mass", "share the budget by segment mass (ablation: false = by length)",
+                             Flag())
+    seed: int = setting(0, "ams_seed", "seed of the random scorer", Int(0, 2**63 - 1))
+    triattention_stats: str = setting("", "ams_triattention_stats", "calibration statistics for the triattention "
+                                      "scorer (empty: estimated from the window queries)", Text("a file path or empty"))
     # The window may start with the prompt's last W queries (SnapKV's observation window), so a prompt already
     # past the trigger compacts right after prefill; off: only decode queries, a first compaction W steps later.
-    prefill_window: bool = False
+    prefill_window: bool = setting(False, "ams_prefill_window", "fill the query window with the prompt's last W "
+                                   "queries at prefill (SnapKV's observation window): a prompt already past its "
+                                   "trigger compacts two decode steps after prefill, not W + 2 (see below)", Flag())
 
     def __post_init__(self):
         validate(self)
@@ -91,63 +96,15 @@ class PolicyConfig:
 
 
 # Field → user-facing name (Engine kwarg, per-request key without prefix, CLI flag with dashes).
-EXTERNAL_NAMES = {
-    "policy": "kv_policy", "budget": "kv_budget", "interval": "kv_interval", "scorer": "kv_scorer",
-    **{f.name: "ams_" + f.name for f in dataclasses.fields(PolicyConfig)
-       if f.name not in ("policy", "budget", "interval", "scorer")},
-}
-def _int(cfg, name, lo, hi=None, extra=""):
-    v = getattr(cfg, name)
-    ok = isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)
-    if not ok:
-        rng = f"an integer >= {lo} and <= {hi}" if hi is not None else f"an integer >= {lo}"
-        raise ConfigError(EXTERNAL_NAMES[name], v, rng + extra)
-
-
-def _float(cfg, name, lo, hi, lo_open=False):
-    v = getattr(cfg, name)
-    # (ints are compared as they are: math.isfinite of a huge int raises OverflowError)
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (isinstance(v, int) or math.isfinite(v)) \
-        and (v > lo if lo_open else v >= lo) and v <= hi
-    if not ok:
-        raise ConfigError(EXTERNAL_NAMES[name], v, f"a number in {'(' if lo_open else '['}{lo}, {hi}]")
-
-
-def _choice(cfg, name, choices):
-    v = getattr(cfg, name)
-    if not isinstance(v, str) or v not in choices:
-        raise ConfigError(EXTERNAL_NAMES[name], v, "one of " + ", ".join(choices))
+EXTERNAL_NAMES = {field: spec.name for field, spec in specs(PolicyConfig).items()}
 
 
 def validate(cfg: PolicyConfig) -> None:
-    _choice(cfg, "policy", POLICIES)
-    _choice(cfg, "scorer", SCORERS)
-    _choice(cfg, "segmenter", SEGMENTERS)
-    for name in ("use_credit", "use_mass", "prefill_window"):
-        if not isinstance(getattr(cfg, name), bool):
-            raise ConfigError(EXTERNAL_NAMES[name], getattr(cfg, name), "true or false")
-    _int(cfg, "sink", 0, MAX_TOKENS)
-    _int(cfg, "keep_lastn", 0, MAX_TOKENS)
-    _int(cfg, "budget", cfg.sink + cfg.keep_lastn + 1, MAX_TOKENS,
-         extra=f" (more than {EXTERNAL_NAMES['sink']} + {EXTERNAL_NAMES['keep_lastn']})")
-    _int(cfg, "window", 1, MAX_WINDOW)
-    _int(cfg, "interval", 1, MAX_TOKENS)
+    validate_fields(cfg)
     if cfg.needs_queries and cfg.interval < cfg.window:
         raise ConfigError("kv_interval", cfg.interval,
                           f"an integer >= {EXTERNAL_NAMES['window']} = {cfg.window} (compaction needs a full window "
                           "of queries newer than the last compaction)")
-    _int(cfg, "pool_kernel", 1, MAX_WINDOW)
-    if cfg.pool_kernel % 2 == 0:
-        raise ConfigError(EXTERNAL_NAMES["pool_kernel"], cfg.pool_kernel, "an odd integer >= 1")
-    _float(cfg, "delta", 0.0, 1.0, lo_open=True)
-    _int(cfg, "lmin", 1, MAX_TOKENS)
-    _int(cfg, "lmax", cfg.lmin, MAX_TOKENS, extra=f" (at least {EXTERNAL_NAMES['lmin']})")
-    _int(cfg, "qmin", 0, MAX_TOKENS)
-    _float(cfg, "credit_decay", 0.0, 1.0)
-    _float(cfg, "mass_mix", 0.0, 1.0)
-    _int(cfg, "seed", 0, 2**63 - 1)
-    if not isinstance(cfg.triattention_stats, str):
-        raise ConfigError(EXTERNAL_NAMES["triattention_stats"], cfg.triattention_stats, "a file path or empty")
 
 
 DEFAULTS = PolicyConfig()

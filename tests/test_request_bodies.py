@@ -88,7 +88,7 @@ def _scheduler_side(sp) -> Req:
     """Receipt of the request in the scheduler: Req(), init_req_max_new_tokens (our AROUND hook), the state."""
     req = Req("r", "", array("q", range(1, 40)), sp)
     policy_hooks.init_req_max_new_tokens_hook(Scheduler.init_req_max_new_tokens, _scheduler(), req)
-    server = ams_settings.from_environment()
+    server = ams_settings.current()
     if server is not None:          # (with the policy off no engine hook is registered: nothing else runs)
         request_state.state_of(req, server.policy)
     return req

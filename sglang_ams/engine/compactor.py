@@ -320,9 +320,7 @@ class Compactor:
                 # (cat copies: the chunk's selection tensors are not kept alive by views into them)
                 st.credit = torch.cat(d.credit_parts, dim=0)
                 d.credit_parts.clear()
-            if st.ring_row:
-                rt.ring.release(pool_idx(d.req), st.ring_row)
-                st.ring_row, st.ring_start, st.ring_lse = 0, -1, True
+            st.release_ring_row(rt.ring, pool_idx(d.req))
             offsets.append(st.pos_offset)
         rt.pos_offsets[rows] = torch.tensor(offsets, dtype=torch.int64, device=rt.device)
         return freed

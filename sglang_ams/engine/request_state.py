@@ -7,6 +7,7 @@ import logging
 import torch
 
 from ..config import ConfigError, PolicyConfig, request_override
+from . import runtime
 
 logger = logging.getLogger("sglang_ams")
 
@@ -24,6 +25,13 @@ class RequestState:
     ring_start: int = -1                   # physical length when the ring row started collecting
     ring_lse: bool = True                  # every query of the row came with its decode-attention LSE
     credit: torch.Tensor | None = None     # [L, H, kept] EMA credit of the kept tokens
+
+    def release_ring_row(self, ring, req_pool_idx: int | None) -> None:
+        """Give the query-ring row back (after a compaction, or when SGLang releases the request's KV): the next
+        window starts from scratch. The only place a row is returned."""
+        if self.ring_row and req_pool_idx is not None:
+            ring.release(req_pool_idx, self.ring_row)
+        self.ring_row, self.ring_start, self.ring_lse = 0, -1, True
 
 
 def requested_override(req):
@@ -49,6 +57,15 @@ def state_of(req, server_cfg: PolicyConfig) -> RequestState | None:
         st = RequestState(cfg=cfg) if cfg.enabled else None
         setattr(req, ATTR, st)
     return st
+
+
+def lookup(req) -> tuple:
+    """(runtime, state) of a request in a policy process; (None, None) without a runtime, (rt, None) when no
+    policy applies to the request. What every hook that needs the state asks."""
+    rt = runtime.get()
+    if rt is None:
+        return None, None
+    return rt, state_of(req, rt.settings.policy)
 
 
 def existing_state(req) -> RequestState | None:

@@ -1,18 +1,19 @@
 """Server-level settings of the plugin: the policy plus the few knobs that only the engine has.
 
-They travel from the launching process to the scheduler processes twice: attached to ServerArgs (pickled with
-it) and as JSON in the environment variable AMS_KV_CONFIG, which a scheduler reads before SGLang hands it the
-ServerArgs (hooks are registered at process start).
+They reach a scheduler process once, as JSON in the environment variable AMS_KV_CONFIG, parsed when the plugin
+registers its hooks at process start (before SGLang hands it the ServerArgs); the copy attached to ServerArgs
+(pickled with it) is only compared against them at scheduler start.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 from typing import Any, Mapping
 
 from ..config import EXTERNAL_NAMES, ConfigError, PolicyConfig
+from ..settings_fields import Choice, Flag, Int, Number, flag_table, setting, specs
+from ..settings_fields import validate as validate_fields
 
 ENV_VAR = "AMS_KV_CONFIG"
 PROMPT_CACHE_MODES = ("private", "cached")
@@ -22,31 +23,32 @@ SCORING_LSE_MODES = ("decode", "recompute")
 @dataclasses.dataclass(frozen=True)
 class EngineSettings:
     policy: PolicyConfig = PolicyConfig()
-    prompt_cache: str = "private"   # "cached": the prompt goes into the radix tree (pinned); "private": compressible
-    ring_rows: int = 0              # query-ring rows; 0 = sized from the KV pool
-    debug_checks: bool = False      # assert bookkeeping invariants after every compaction (slow)
-    scoring_lse: str = "decode"     # "decode": the decode attention's LSE of each window query (keys read once)
-    batch_slack: float = 0.5        # fraction of the interval a request may compact early to join a due one
-    workspace_mib: int = 0          # transient GPU memory of a compaction step; 0 = automatic (workspace.py)
-    warmup: bool = True             # compile the compaction kernels at startup (warmup.py)
+    prompt_cache: str = setting("private", "ams_prompt_cache", "private: the prompt is compressible and not inserted "
+                                "into the radix tree; cached: it is shared through the radix tree and pinned, only "
+                                "generated tokens are compressed", Choice(PROMPT_CACHE_MODES))
+    ring_rows: int = setting(0, "ams_ring_rows", "rows of the query ring (requests collecting window queries at "
+                             "once); 0 sizes it from the KV pool", Int(0, note=" (0 = automatic)"))
+    debug_checks: bool = setting(False, "ams_debug_checks", "assert the bookkeeping after every compaction and check "
+                                 "decode-LSE scoring against the two-pass kernel (slow; testing)", Flag())
+    scoring_lse: str = setting("decode", "ams_scoring_lse", "decode: window attention takes each window query's "
+                               "log-sum-exp from the decode attention (keys read once); recompute: the scoring "
+                               "kernel computes it (keys read twice)", Choice(SCORING_LSE_MODES))
+    batch_slack: float = setting(0.5, "ams_batch_slack", "a request this fraction of its interval short of its "
+                                 "trigger compacts in the same step as a request at its trigger (fewer, larger "
+                                 "steps); 0: each request compacts exactly at its trigger",
+                                 Number(0, 1, hi_open=True))
+    workspace_mib: int = setting(0, "ams_workspace_mib", "GPU memory (MiB) a compaction step may use for its "
+                                 "temporaries, reserved from the KV budget; 0: the larger of 2 % of the KV budget and "
+                                 "one layer of one context-length request under the costliest scorer (a smaller "
+                                 "value is refused at startup with that size)",
+                                 Int(0, 1 << 24, note=" (0 = automatic)", show_hi=False))
+    warmup: bool = setting(True, "ams_warmup", "compile the compaction kernels at startup, so the first compaction "
+                           "costs what later ones do", Flag())
 
     def __post_init__(self):
-        if self.prompt_cache not in PROMPT_CACHE_MODES:
-            raise ConfigError("ams_prompt_cache", self.prompt_cache, "one of " + ", ".join(PROMPT_CACHE_MODES))
-        if not isinstance(self.ring_rows, int) or isinstance(self.ring_rows, bool) or self.ring_rows < 0:
-            raise ConfigError("ams_ring_rows", self.ring_rows, "an integer >= 0 (0 = automatic)")
-        if not isinstance(self.warmup, bool):
-            raise ConfigError("ams_warmup", self.warmup, "true or false")
-        if not isinstance(self.debug_checks, bool):
-            raise ConfigError("ams_debug_checks", self.debug_checks, "true or false")
-        if self.scoring_lse not in SCORING_LSE_MODES:
-            raise ConfigError("ams_scoring_lse", self.scoring_lse, "one of " + ", ".join(SCORING_LSE_MODES))
-        if isinstance(self.batch_slack, bool) or not isinstance(self.batch_slack, (int, float)) \
-                or not 0.0 <= self.batch_slack < 1.0:
-            raise ConfigError("ams_batch_slack", self.batch_slack, "a number in [0, 1)")
-        if not isinstance(self.workspace_mib, int) or isinstance(self.workspace_mib, bool) \
-                or not 0 <= self.workspace_mib <= 1 << 24:
-            raise ConfigError("ams_workspace_mib", self.workspace_mib, "an integer >= 0 (0 = automatic)")
+        if not isinstance(self.policy, PolicyConfig):
+            raise ConfigError("kv_policy", self.policy, "a PolicyConfig")
+        validate_fields(self)
 
     def slack_tokens(self, interval: int) -> int:
         """Tokens before its trigger at which a request joins another request's compaction (< interval)."""
@@ -66,10 +68,13 @@ class EngineSettings:
         return cls(policy=PolicyConfig(**d.pop("policy")), **d)
 
 
-ENGINE_NAMES = {"prompt_cache": "ams_prompt_cache", "ring_rows": "ams_ring_rows", "debug_checks": "ams_debug_checks",
-                "scoring_lse": "ams_scoring_lse", "batch_slack": "ams_batch_slack", "workspace_mib": "ams_workspace_mib",
-                "warmup": "ams_warmup"}
+ENGINE_NAMES = {field: spec.name for field, spec in specs(EngineSettings).items()}
 ALL_NAMES = tuple(EXTERNAL_NAMES.values()) + tuple(ENGINE_NAMES.values())
+
+
+def readme_flag_table() -> str:
+    """The README's flag table: every flag, its default, valid values and meaning (`sglang-ams flags`)."""
+    return flag_table(PolicyConfig, EngineSettings)
 
 
 def from_user_values(values: Mapping[str, Any]) -> EngineSettings:
@@ -87,20 +92,31 @@ def from_user_values(values: Mapping[str, Any]) -> EngineSettings:
     return EngineSettings(policy=PolicyConfig(**policy), **engine)
 
 
+class _ProcessSettings:
+    """This process's settings and the environment text they came from: the launcher sets them (publish), a
+    scheduler process parses AMS_KV_CONFIG the first time it asks. Per-request hooks (the verify hooks in the
+    tokenizer manager) then compare one string, never parse JSON; a changed variable (tests) is parsed again."""
+    text: str | None = None
+    settings: EngineSettings | None = None
+
+
+_PROCESS = _ProcessSettings()
+
+
 def publish(settings: EngineSettings | None) -> None:
-    """Make the settings visible to child processes spawned after this call (the schedulers)."""
+    """Make the settings this process's and visible to child processes spawned after this call (the
+    schedulers)."""
     if settings is None or not settings.enabled:
         os.environ.pop(ENV_VAR, None)
+        _PROCESS.text, _PROCESS.settings = None, None
     else:
-        os.environ[ENV_VAR] = settings.to_json()
+        os.environ[ENV_VAR] = _PROCESS.text = settings.to_json()
+        _PROCESS.settings = settings
 
 
-def from_environment() -> EngineSettings | None:
-    """The published settings; parsed once per distinct value (the verify hook asks on every request)."""
-    text = os.environ.get(ENV_VAR)
-    return _parsed(text) if text else None
-
-
-@functools.lru_cache(maxsize=4)
-def _parsed(text: str) -> EngineSettings:
-    return EngineSettings.from_json(text)       # frozen dataclasses: safe to share
+def current() -> EngineSettings | None:
+    """The published settings of this process (None: no policy was published)."""
+    text = os.environ.get(ENV_VAR) or None
+    if text != _PROCESS.text:
+        _PROCESS.text, _PROCESS.settings = text, (EngineSettings.from_json(text) if text else None)
+    return _PROCESS.settings

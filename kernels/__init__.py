@@ -1,1 +1,0 @@
-"""Triton kernels (installed as sglang_ams.kernels): window-attention scoring and per-head KV compaction."""
