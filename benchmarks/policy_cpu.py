@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_io import save, table  # noqa: E402
 
 from sglang_ams.config import SCORERS, PolicyConfig  # noqa: E402
-from sglang_ams.scorers.base import RopeSpec, ScoreInputs, make_scorer  # noqa: E402
+from sglang_ams.rope import RopeSpec  # noqa: E402
+from sglang_ams.scorers.base import ScoreInputs, make_scorer  # noqa: E402
 from sglang_ams.selection import select  # noqa: E402
 from sglang_ams.window_attention import attention_evidence, window_attention  # noqa: E402
 

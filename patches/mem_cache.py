@@ -135,8 +135,7 @@ def alloc_memory_pool_hook(result, self, *args, **kwargs):
     settings = from_environment()
     if settings is None or not settings.enabled:
         return result
-    from sglang_ams.rope import inv_freq_from_config
-    from sglang_ams.scorers.base import RopeSpec
+    from sglang_ams.rope import RopeSpec, inv_freq_from_config
     ams_runtime.check_pool(self.token_to_kv_pool, self.token_to_kv_pool_allocator)
     ams_runtime.check_model_config(self.model_config)
     shape = ams_runtime.model_shape(self)

@@ -35,8 +35,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 from .compaction import gather_kept, plan, scorer_for
 from .config import PolicyConfig
 from .engine.admission import MIN_DECODE_STEPS
-from .rope import rope_from_hf_model
-from .scorers.base import RopeSpec, ScoreInputs
+from .rope import RopeSpec, rope_from_hf_model
+from .scorers.base import ScoreInputs
 from .selection import keep_count, pinned_count
 
 

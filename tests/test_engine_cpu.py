@@ -48,8 +48,8 @@ from sglang_ams.patches import prefill_window as pw_hooks  # noqa: E402
 from sglang_ams.patches import radix_attention as attn_hooks  # noqa: E402
 from sglang_ams.patches import schedule_batch as batch_hooks  # noqa: E402
 from sglang_ams.patches import schedule_policy as policy_hooks  # noqa: E402
-from sglang_ams.rope import inv_freq_from_config  # noqa: E402
-from sglang_ams.scorers.base import RopeSpec, ScoreInputs  # noqa: E402
+from sglang_ams.rope import RopeSpec, inv_freq_from_config  # noqa: E402
+from sglang_ams.scorers.base import ScoreInputs  # noqa: E402
 from sglang_ams.window_attention import window_attention  # noqa: E402
 
 # The interpreter converts 1-element arrays to ints in range() bounds (a numpy deprecation, not ours).

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from sglang_ams.config import SCORERS, PolicyConfig
-from sglang_ams.rope import inv_freq_from_config, rope_from_hf_model, rotate, to_complex, unrotate
-from sglang_ams.scorers.base import RopeSpec, ScoreInputs, make_scorer
+from sglang_ams.rope import RopeSpec, inv_freq_from_config, rope_from_hf_model, rotate, to_complex, unrotate
+from sglang_ams.scorers.base import ScoreInputs, make_scorer
 from sglang_ams.window_attention import window_attention
 
 LAYERS, KV_HEADS, T, W = 2, 2, 13, 4

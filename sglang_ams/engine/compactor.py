@@ -24,7 +24,8 @@ from ..config import PolicyConfig
 from ..kernels.compaction import compact_kv
 from ..kernels.gather import gather_dense
 from ..kernels.scoring import window_attention_pool
-from ..scorers.base import ScoreInputs, WindowAttention
+from ..scorers.base import ScoreInputs
+from ..window_attention import WindowAttention
 from . import workspace
 from .admission import MIN_DECODE_STEPS
 from .counters import Timer, now

@@ -16,24 +16,8 @@ from typing import ClassVar
 import torch
 
 from ..config import PolicyConfig
-
-
-@dataclasses.dataclass
-class RopeSpec:
-    """The model's rotary embedding: inverse frequencies of the rotated pairs and their layout."""
-    inv_freq: torch.Tensor          # [d_rot / 2] float32; dims past d_rot are not rotated
-    style: str = "neox"             # "neox": pairs (i, i + d_rot/2) (Llama, Qwen); "gptj": pairs (2i, 2i+1)
-
-    def __post_init__(self):
-        if self.style not in ("neox", "gptj"):
-            raise ValueError(f"RopeSpec.style = {self.style!r}: must be 'neox' or 'gptj'")
-
-
-@dataclasses.dataclass
-class WindowAttention:
-    """Softmax probabilities of the window queries over all keys, reduced the ways the scorers need."""
-    mean_rows: torch.Tensor         # [N, L, H*G, T] mean over the W rows
-    last_row: torch.Tensor          # [N, L, H*G, T] the newest query's row
+from ..rope import RopeSpec
+from ..window_attention import WindowAttention, window_attention
 
 
 @dataclasses.dataclass
@@ -65,7 +49,6 @@ class ScoreInputs:
 
     def window_attention(self) -> WindowAttention:
         if self.attn is None:
-            from ..window_attention import window_attention
             if self.queries is None:
                 raise ValueError("this scorer needs window queries; none were given")
             self.attn = window_attention(self.keys, self.queries, self.lengths, self.sm_scale)
