@@ -39,7 +39,7 @@ from sglang_ams.engine import admission, request_state, workspace  # noqa: E402
 from sglang_ams.engine import compactor as compactor_mod  # noqa: E402
 from sglang_ams.engine import runtime as ams_runtime  # noqa: E402
 from sglang_ams.engine import sglang_compat as compat  # noqa: E402
-from sglang_ams.engine.compactor import Compactor, needs_attention  # noqa: E402
+from sglang_ams.engine.compactor import Compactor  # noqa: E402
 from sglang_ams.engine.settings import ENV_VAR, EngineSettings  # noqa: E402
 from sglang_ams.patches import flashinfer_decode as fi_hooks  # noqa: E402
 from sglang_ams.patches import forward_batch as fb_hooks  # noqa: E402
@@ -246,7 +246,7 @@ def forward(env: Env, batch: ScheduleBatch) -> None:
             return fi_hooks.forward_hook(wrapper.forward_without_lse, wrapper, q[layer].view(-1, Q_HEADS, HEAD_DIM),
                                          None, sm_scale=env.rt.shape.scale)
         attn_hooks.forward_hook(attend, SimpleNamespace(layer_id=layer), q[layer], None, None, fb)
-        assert env.rt.ring.pending is None
+        assert env.rt.ring is None or env.rt.ring.pending is None
     for i, req in enumerate(batch.reqs):
         env.queries[req.rid][int(fb.positions[i])] = q[:, i].view(LAYERS, Q_HEADS, HEAD_DIM)
         req.output_ids.append(int(torch.randint(0, 999, (1,), generator=env.gen)))
@@ -356,8 +356,9 @@ def check_selection(env: Env, g: Group, snap: Snap) -> None:
     for j, it in enumerate(g.items):
         assert int(g.n_keep[j]) == it.keep == it.prefix + cfg.budget
         assert int(g.n_pinned[j]) == it.pinned == max(it.prefix, cfg.sink)
-        if getattr(scorer_for(cfg), "reads_kv", True):          # the Triton gather read the same keys
+        if cfg.inputs.keys:             # the Triton gather read the same keys (and values) where declared
             assert torch.equal(g.inputs.keys[j, :, :, :it.length], keys[j])
+        if cfg.inputs.values:
             assert torch.equal(g.inputs.values[j, :, :, :it.length], values[j])
     queries = query_pos = None
     if cfg.needs_queries:
@@ -368,11 +369,11 @@ def check_selection(env: Env, g: Group, snap: Snap) -> None:
         assert torch.equal(g.inputs.query_pos, query_pos)
     reference = ScoreInputs(keys=padded(keys), values=padded(values), lengths=lengths, queries=queries,
                             query_pos=query_pos, rope=env.rt.rope, scale=env.rt.shape.scale)
-    assert g.decode_lse == (needs_attention(cfg) and env.rt.settings.scoring_lse == "decode"
+    assert g.decode_lse == (cfg.inputs.runs_attention and env.rt.settings.scoring_lse == "decode"
                             and env.rt.decode_lse_ok is not False and g.ring_lse)
-    if needs_attention(cfg):        # Triton window attention over the pool == torch over dense tensors
+    if cfg.inputs.runs_attention:        # Triton window attention over the pool == torch over dense tensors
         ref = window_attention(reference.keys, queries, lengths, reference.scale)
-        for name in ("mean_rows", "last_row") if cfg.scorer == "tova" else ("mean_rows",):
+        for name in ("mean_rows", "last_row") if cfg.inputs.last_row else ("mean_rows",):
             got = getattr(g.inputs.attn, name)
             torch.testing.assert_close(got, getattr(ref, name), atol=2e-5, rtol=1e-4)
     expected = plan(cfg, scorer_for(cfg), reference, g.n_pinned, g.n_keep, g.credit, k_max=int(g.n_keep.max()))
@@ -578,7 +579,7 @@ def test_prefill_window_compacts_two_steps_after_prefill(recorded):
 def test_mixed_overrides_compact_in_one_step(recorded):
     """Streaming (no queries), top-k KeyDiff (keys, no queries), AMS+TOVA and the server default in one batch.
     Regression: a streaming override on a server whose scorer reads attention used to run the attention
-    kernel with no queries (fixed by compactor.needs_attention)."""
+    kernel with no queries (fixed by the policy's declared inputs, PolicyConfig.inputs)."""
     env = make_env(recorded)
     overrides = {"stream": "streaming", "keydiff": {"policy": "topk", "scorer": "keydiff"},
                  "tova": {"policy": "ams", "scorer": "tova"}, "default": None, "off": "none"}
@@ -599,13 +600,16 @@ def test_mixed_overrides_compact_in_one_step(recorded):
 
 
 def test_needs_attention():
+    def needs_attention(cfg):
+        return cfg.inputs.runs_attention
     server = PolicyConfig(policy="ams", scorer="tova")
-    assert needs_attention(server)
+    assert needs_attention(server) and server.inputs.last_row
     assert not needs_attention(server.replace(policy="streaming"))
     assert not needs_attention(server.replace(policy="topk", scorer="keydiff"))
     assert needs_attention(server.replace(policy="topk", scorer="snapkv"))
     assert not needs_attention(server.replace(policy="topk", scorer="expected_attention"))
     assert needs_attention(server.replace(scorer="expected_attention"))     # AMS mass reads attention
+    assert not needs_attention(server.replace(scorer="keydiff", use_mass=False))
 
 
 @pytest.mark.parametrize("slack", [0.0, 0.5])
@@ -851,9 +855,10 @@ def test_runtime_from_the_pool_hook(monkeypatch):
 def test_admission_arithmetic():
     ams = PolicyConfig(policy="ams", budget=1024, interval=512, window=8)
     stream = PolicyConfig(policy="streaming", budget=1024, interval=512)
-    assert admission.cap(0, ams) == 1536 and admission.cap(256, ams) == 1792
+    assert ams.trigger_len(0) == 1536 and ams.trigger_len(256) == 1792
+    assert ams.kept_len(256) == 1280 and ams.pinned_len(0) == ams.sink and ams.pinned_len(256) == 256
     # Lead past the trigger: MIN_DECODE_STEPS before the first ring row, then a full window of queries.
-    assert admission.lead_tokens(ams) == 8 + 2 and admission.lead_tokens(stream) == 2
+    assert ams.lead_tokens == 8 + 2 and stream.lead_tokens == 2 == PolicyConfig.MIN_DECODE_STEPS
     assert admission.admission_new_tokens(1000, 0, 4000, ams) == 536           # grows to the cap
     assert admission.admission_new_tokens(1000, 256, 4000, ams) == 792         # pinned prefix is extra
     assert admission.admission_new_tokens(1000, 0, 100, ams) == 100            # finishes first
@@ -1018,3 +1023,27 @@ def test_warm_up_runs_every_variant_and_touches_only_the_dummy_slot(monkeypatch)
     for b, old in zip(env.kv_pool.k_buffer + env.kv_pool.v_buffer, before):
         assert torch.equal(b[1:], old[1:]), "warm-up wrote a slot other than the dummy slot 0"
     assert free_slots(env) == free
+
+
+def test_triattention_with_stats_runs_without_a_ring(tmp_path, monkeypatch):
+    """Top-k TriAttention with a stats file declares positions but no queries: the server keeps no query ring, and
+    the compactor gives the scorer the window's logical positions from the host lengths (it used to give none, and
+    the scorer raised inside the scheduler)."""
+    from sglang_ams.scorers.triattention_calib import TriAttentionStats, save_stats
+    g = torch.Generator().manual_seed(0)
+    freqs = tiny_rope().inv_freq.numel()
+    q_mean = torch.complex(*torch.randn(2, LAYERS, Q_HEADS, freqs, generator=g))
+    path = str(tmp_path / "stats.pt")
+    save_stats(TriAttentionStats(q_mean, q_mean.abs() + 0.1, 1, "neox"), path)
+    cfg = CFG.replace(policy="topk", scorer="triattention", triattention_stats=path)
+    env = make_env([], policy=cfg, scoring_lse="recompute")         # (no ring: the decode LSE is not kept)
+    assert env.rt.ring is None and not cfg.needs_queries
+    seen = []
+    real_plan = compactor_mod.plan
+    monkeypatch.setattr(compactor_mod, "plan", lambda c, s, inputs, *a, **k: seen.append(inputs) or
+                        real_plan(c, s, inputs, *a, **k))
+    batch = make_batch(env, [add_request(env, "r0", list(range(2000, 2050)))])
+    assert _until_compacted(env, batch) == 1
+    (inputs,) = seen
+    assert inputs.queries is None and inputs.rope is env.rt.rope
+    assert inputs.query_pos.tolist() == [list(range(56 - cfg.window, 56))]      # compacts at its cap, length 56
