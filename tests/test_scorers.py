@@ -397,6 +397,16 @@ def test_make_scorer_every_name(case, name):
     assert torch.isfinite(out).all(), name
 
 
+def test_h2o_over_the_window_is_snapkv_without_pooling_but_for_the_newest(case):
+    """What h2o's docstring and the README say: with only W queries, H2O is SnapKV at pool_kernel 1, except the
+    newest W - 1 tokens (seen by fewer queries)."""
+    h2o, snapkv = run("h2o", case), run("snapkv", case, pool_kernel=1)
+    for n, length in enumerate(LENGTHS):
+        old = length - W + 1
+        torch.testing.assert_close(h2o[n, ..., :old], snapkv[n, ..., :old])
+        assert not torch.allclose(h2o[n, ..., old:length], snapkv[n, ..., old:length])
+
+
 @pytest.mark.parametrize("name", SCORERS)
 def test_scorer_reads_only_what_it_declares(case, name):
     """Given only its declared inputs, as the compactor builds them (undeclared K/V replaced by noise, window

@@ -1,8 +1,8 @@
 """H2O over the window: attention a token receives from the window queries, per query that can see it.
 
 A variant, named honestly: H2O accumulates the attention of every query since the prompt; this scorer sees only the
-last W queries (the engine keeps no more), so it is SnapKV without pooling except for the per-viewer normalisation of
-the newest W - 1 tokens below (a cross-check against kvpress showed the two rank alike).
+last W queries (the engine keeps no more), so it scores every token exactly as SnapKV with pool_kernel 1 does, except
+the newest W - 1, which the per-viewer normalisation below lifts.
 
 Query w of request n sits at key index len - W + w and sees keys up to it, so key t is seen by
 min(W, len - t) queries: all W for old tokens, fewer for the newest W - 1. Dividing the summed attention by that
