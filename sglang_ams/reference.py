@@ -252,8 +252,7 @@ class _Compactor:
 
     def run(self, kv: _CompactedCache, ring: _QueryRing | None, logical_length: int) -> torch.Tensor:
         keys, values = kv.stacked()           # (both always: the kept ones are gathered from them)
-        length = keys.shape[3]
-        w, need = self.cfg.window, self.cfg.inputs
+        length, w, need = keys.shape[3], self.cfg.window, self.cfg.inputs
         positions = torch.arange(logical_length - w, logical_length, device=self.device)[None]
         inputs = ScoreInputs(
             keys=keys, values=values, lengths=torch.tensor([length], device=self.device),
