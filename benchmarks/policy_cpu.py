@@ -17,9 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_io import save, table  # noqa: E402
 
 from sglang_ams.config import SCORERS, PolicyConfig  # noqa: E402
-from sglang_ams.scorers.base import RopeSpec, ScoreInputs, make_scorer  # noqa: E402
-from sglang_ams.selection import select  # noqa: E402
-from sglang_ams.window_attention import attention_evidence, window_attention  # noqa: E402
+from sglang_ams.rope import RopeSpec  # noqa: E402
+from sglang_ams.scorers.base import ScoreInputs  # noqa: E402
+from sglang_ams.scorers.builtin import make_scorer  # noqa: E402
+from sglang_ams.window_attention import window_attention  # noqa: E402
 
 
 def make_inputs(tokens, layers, kv_heads, q_heads, dim, window, seed=0):
@@ -60,7 +61,6 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     base = make_inputs(a.tokens, a.layers, a.kv_heads, a.q_heads, a.head_dim, PolicyConfig().window)
     t_attn, attn = timed(lambda: window_attention(base.keys, base.queries, base.lengths), a.reps)
-    evidence = attention_evidence(attn, a.kv_heads, PolicyConfig().pool_kernel)
     n_pinned, n_keep = torch.tensor([4]), torch.tensor([a.budget])
     rows = []
     for name in a.scorers.split(","):
@@ -69,9 +69,8 @@ def main(argv=None):
             scorer = make_scorer(cfg)
             inputs = ScoreInputs(**{**base.__dict__, "attn": attn})
             t_score, scores = timed(lambda: scorer.score(inputs), a.reps)
-            ev = evidence if policy == "ams" else None
-            t_sel, sel = timed(lambda: select(cfg, scores, inputs.lengths, n_pinned, n_keep, ev, None,
-                                              k_max=a.budget), a.reps)
+            t_sel, sel = timed(lambda: cfg.selector.select(scores, inputs, n_pinned, n_keep, None, k_max=a.budget),
+                               a.reps)
             assert int((sel.indices >= 0).sum(-1).min()) == a.budget
             rows.append({"scorer": name, "policy": policy, "score_ms": 1e3 * t_score, "select_ms": 1e3 * t_sel,
                          "total_ms": 1e3 * (t_score + t_sel)})

@@ -126,21 +126,11 @@ def alloc_memory_pool_hook(result, self, *args, **kwargs):
     settings = ams_settings.current()
     if settings is None or not settings.enabled:
         return result
-    from sglang_ams.rope import inv_freq_from_config
-    from sglang_ams.scorers.base import RopeSpec
-    ams_runtime.check_pool(self.token_to_kv_pool, self.token_to_kv_pool_allocator)
-    ams_runtime.check_model_config(self.model_config)
-    shape = ams_runtime.model_shape(self)
-    rope = RopeSpec(inv_freq=inv_freq_from_config(self.model_config.hf_config).to(self.device))
-    rows = ams_runtime.ring_rows_for(settings, self.max_total_num_tokens)
-    rt = ams_runtime.Runtime(settings, shape, self.token_to_kv_pool, self.req_to_token_pool,
-                             self.token_to_kv_pool_allocator, rope, rows)
+    rt = ams_runtime.Runtime.from_model_runner(settings, self)
     bound = _RESERVED.pop("workspace", None)
     if bound is None:       # the profiling hook did not run (a fixed --max-total-tokens path): same rule, pool bytes
-        dims = dict(num_kv_heads=shape.num_kv_heads, group=shape.group_size, head_dim=shape.head_dim,
-                    elem_size=shape.dtype.itemsize)
         context = getattr(self.model_config, "context_len", None) or self.req_to_token_pool.req_to_token.shape[1]
-        bound = workspace_bound(settings, dims, context, rt.kv_pool_bytes())
+        bound = workspace_bound(settings, rt.shape.kv_dims(), context, rt.kv_pool_bytes())
     rt.set_workspace(bound)
     ams_runtime.install(rt)
     return result

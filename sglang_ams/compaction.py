@@ -5,24 +5,20 @@ from __future__ import annotations
 import torch
 
 from .config import PolicyConfig
-from .scorers.base import ScoreInputs, Scorer, make_scorer
-from .selection import Selection, select
-from .window_attention import attention_evidence
+from .scorers.base import ScoreInputs, Scorer
+from .scorers.builtin import make_scorer
+from .selection import Selection
 
 
 def scorer_for(cfg: PolicyConfig) -> Scorer:
-    """The scorer a policy uses: streaming ignores the configured scorer."""
-    return make_scorer(cfg.replace(scorer="streaming") if cfg.policy == "streaming" else cfg)
+    """The scorer a policy runs (its selector may fix one: streaming ignores the configured scorer)."""
+    return make_scorer(cfg, cfg.scorer_name)
 
 
 def plan(cfg: PolicyConfig, scorer: Scorer, inputs: ScoreInputs, n_pinned: torch.Tensor, n_keep: torch.Tensor,
          credit: torch.Tensor | None = None, k_max: int | None = None) -> Selection:
-    """Keep indices [N, L, H, K] for a batch of requests (see selection.select)."""
-    scores = scorer.score(inputs)
-    evidence = None
-    if cfg.policy == "ams" and cfg.use_mass:
-        evidence = attention_evidence(inputs.window_attention(), inputs.num_kv_heads, cfg.pool_kernel)
-    return select(cfg, scores, inputs.lengths, n_pinned, n_keep, evidence, credit, k_max)
+    """Keep indices [N, L, H, K] for a batch of requests: the scorer's scores, then the policy's selector."""
+    return cfg.selector.select(scorer.score(inputs), inputs, n_pinned, n_keep, credit, k_max)
 
 
 def gather_kept(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

@@ -7,20 +7,21 @@ field becomes an HTTP 400. Only the rule that spans fields (interval vs window) 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+import functools
+import math
+from typing import Any, ClassVar, Mapping
 
+from .scorers.base import Inputs
+from .scorers.builtin import SCORERS, make_scorer
+from .selector import SELECTORS, Selector
 from .settings_fields import ConfigError, short_repr  # noqa: F401 - part of this module's interface
 from .settings_fields import Choice, Flag, Int, Number, Text, setting, specs
 from .settings_fields import validate as validate_fields
 
-POLICIES = ("none", "topk", "ams", "streaming")
+POLICIES = ("none", *SELECTORS)
 SEGMENTERS = ("equal_mass", "fixed_length")
-SCORERS = ("tova", "snapkv", "h2o", "streaming", "expected_attention", "keydiff", "rkv",
-           "triattention", "random")
 MAX_TOKENS = 1 << 30       # no context is longer; keeps every count far inside int32/int64 arithmetic
 MAX_WINDOW = 1024          # window queries per request and layer (the query ring holds W of them per row)
-# Scorers that read the window queries of the request (the query ring in the engine).
-QUERY_SCORERS = ("tova", "snapkv", "h2o", "rkv", "expected_attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +69,10 @@ class PolicyConfig:
                                    "queries at prefill (SnapKV's observation window): a prompt already past its "
                                    "trigger compacts two decode steps after prefill, not W + 2 (see below)", Flag())
 
+    # A request decodes at least this many steps before its first compaction: under the overlap scheduler the
+    # post-prefill radix-cache call for a request runs one iteration after it joined the decode batch.
+    MIN_DECODE_STEPS: ClassVar[int] = 2
+
     def __post_init__(self):
         validate(self)
 
@@ -75,18 +80,55 @@ class PolicyConfig:
     def enabled(self) -> bool:
         return self.policy != "none"
 
+    # --- what compaction under this config reads (the scorer's and the selector's declarations) -----------------
+    @functools.cached_property
+    def selector(self) -> Selector | None:
+        """The selector of the policy (None for "none"), its fields taken from this config."""
+        cls = SELECTORS.get(self.policy)
+        return None if cls is None else cls.from_config(self)
+
+    @property
+    def scorer_name(self) -> str:
+        """The scorer compaction runs: the policy's own (streaming) or the configured one."""
+        return (self.selector.scorer if self.selector is not None else None) or self.scorer
+
+    @functools.cached_property
+    def inputs(self) -> Inputs:
+        """The inputs compaction builds: its scorer's and its selector's (nothing when the policy is off)."""
+        if self.selector is None:
+            return Inputs()
+        return make_scorer(self, self.scorer_name).needs | self.selector.needs
+
     @property
     def needs_queries(self) -> bool:
-        """Whether compaction reads window queries (AMS mass always does)."""
-        if self.policy == "ams":
-            return True
-        return self.policy == "topk" and (self.scorer in QUERY_SCORERS or
-                                          (self.scorer == "triattention" and not self.triattention_stats))
+        """Whether compaction reads window queries (the engine's query ring)."""
+        return self.inputs.reads_window
 
+    # --- how long a request grows and what it keeps (prefix: the tokens it shares with the radix tree) ----------
     @property
     def cap(self) -> int:
         """Most KV tokens a request under this policy holds beyond its shared prefix."""
         return self.budget + self.interval
+
+    def trigger_len(self, prefix: int) -> int:
+        """The physical length at which a request behind `prefix` shared tokens compacts."""
+        return prefix + self.cap
+
+    def kept_len(self, prefix):
+        """Tokens kept per (layer, KV head): the shared prefix (free to the request) plus the budget (ints or
+        tensors)."""
+        return prefix + self.budget
+
+    def pinned_len(self, prefix: int) -> int:
+        """Front tokens never moved: the shared prefix, or the sink if that is longer."""
+        return max(prefix, self.sink)
+
+    @property
+    def lead_tokens(self) -> int:
+        """Tokens a request may decode past its trigger before it can compact: MIN_DECODE_STEPS steps before it may
+        take a query-ring row, then a full window of queries written after that (the two add up, they don't
+        overlap)."""
+        return self.window + self.MIN_DECODE_STEPS if self.needs_queries else self.MIN_DECODE_STEPS
 
     def replace(self, **changes) -> "PolicyConfig":
         return dataclasses.replace(self, **changes)

@@ -261,6 +261,12 @@ class TaskOutcome:
     def correct(self, policy: str) -> bool:
         return self.task.check(self.answer(policy))
 
+    def survival(self, policy: str) -> torch.Tensor:
+        return survival(self.results[policy])
+
+    def short_answer(self, policy: str) -> str:
+        return short_answer(self, policy)
+
     def span_kept(self, policy: str, span: str) -> float | None:
         """Mean fraction of (layer, KV head) pairs keeping the tokens of a marked span at the end."""
         if span not in self.task.spans:

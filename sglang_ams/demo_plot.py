@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from .demo import TaskOutcome, short_answer, survival
+if TYPE_CHECKING:       # (demo imports this module when it draws: no import back)
+    from .demo import TaskOutcome
 
 SPAN_STYLE = {"needle": ("red", "needle sentence"), "question": ("orange", "question")}
 
 
 def _grid(outcomes: list[TaskOutcome], policy: str) -> torch.Tensor:
-    rows = [survival(o.results[policy]) for o in outcomes]
+    rows = [o.survival(policy) for o in outcomes]
     grid = torch.full((len(rows), max(r.numel() for r in rows)), float("nan"))
     for i, r in enumerate(rows):
         grid[i, :r.numel()] = r
@@ -27,7 +29,7 @@ def _grid(outcomes: list[TaskOutcome], policy: str) -> torch.Tensor:
 
 def _right_label(outcome: TaskOutcome, policy: str) -> str:
     kept = outcome.span_kept(policy, "needle")
-    return short_answer(outcome, policy) + ("" if kept is None else f", needle {kept:.0%} kept")
+    return outcome.short_answer(policy) + ("" if kept is None else f", needle {kept:.0%} kept")
 
 
 def plot_kept(outcomes: list[TaskOutcome], out: str | os.PathLike, title: str = "") -> Path:

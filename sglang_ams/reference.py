@@ -34,10 +34,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 
 from .compaction import gather_kept, plan, scorer_for
 from .config import PolicyConfig
-from .engine.admission import MIN_DECODE_STEPS
-from .rope import rope_from_hf_model
-from .scorers.base import RopeSpec, ScoreInputs
-from .selection import keep_count, pinned_count
+from .rope import RopeSpec, rope_from_hf_model
+from .scorers.base import ScoreInputs
 
 
 @dataclasses.dataclass
@@ -244,24 +242,23 @@ class _Compactor:
         self.rope: RopeSpec = rope_from_hf_model(model)
         self.scale = _attention_scale(model)
         self.device = model.device
-        zero = torch.zeros(1, dtype=torch.long, device=self.device)     # no radix-shared prefix here
-        self.n_pinned = pinned_count(zero, cfg.sink)
-        self.n_keep = keep_count(zero, cfg.budget)
+        self.n_pinned = torch.tensor([cfg.pinned_len(0)], device=self.device)     # no radix-shared prefix here
+        self.n_keep = torch.tensor([cfg.kept_len(0)], device=self.device)
 
     def due(self, kv: _CompactedCache, ring: _QueryRing | None, steps_since: int) -> bool:
-        if kv.physical_length < self.cfg.cap:
+        if kv.physical_length < self.cfg.trigger_len(0):
             return False
         return ring is None or steps_since >= ring.window
 
     def run(self, kv: _CompactedCache, ring: _QueryRing | None, logical_length: int) -> torch.Tensor:
-        keys, values = kv.stacked()
-        length = keys.shape[3]
-        w = self.cfg.window
+        keys, values = kv.stacked()           # (both always: the kept ones are gathered from them)
+        length, w, need = keys.shape[3], self.cfg.window, self.cfg.inputs
+        positions = torch.arange(logical_length - w, logical_length, device=self.device)[None]
         inputs = ScoreInputs(
             keys=keys, values=values, lengths=torch.tensor([length], device=self.device),
-            queries=None if ring is None else ring.ordered()[None],
-            query_pos=torch.arange(logical_length - w, logical_length, device=self.device)[None],
-            rope=self.rope, scale=self.scale)
+            queries=ring.ordered()[None] if need.reads_window else None,
+            query_pos=positions if need.reads_window or need.positions else None,
+            rope=self.rope if need.rope else None, scale=self.scale)
         selection = plan(self.cfg, self.scorer, inputs, self.n_pinned, self.n_keep,
                          credit=kv.credit_for(length), k_max=self.cfg.budget)
         k = int(selection.n_keep[0])
@@ -362,7 +359,7 @@ def generate_reference(model, input_ids: Sequence[int] | torch.Tensor, cfg: Poli
     steps_since = 0
     if prefill_window:
         # The prompt supplies min(W, T) window queries; the engine compacts no earlier than MIN_DECODE_STEPS.
-        decode_steps_needed = max(MIN_DECODE_STEPS, cfg.window - min(cfg.window, logical))
+        decode_steps_needed = max(cfg.MIN_DECODE_STEPS, cfg.window - min(cfg.window, logical))
         steps_since = cfg.window - decode_steps_needed
         ring.steps, ring.prefill = logical, True
 

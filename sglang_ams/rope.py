@@ -7,9 +7,20 @@ z_f * exp(i p inv_freq[f]).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from .scorers.base import RopeSpec
+
+@dataclasses.dataclass
+class RopeSpec:
+    """The model's rotary embedding: inverse frequencies of the rotated pairs and their layout."""
+    inv_freq: torch.Tensor          # [d_rot / 2] float32; dims past d_rot are not rotated
+    style: str = "neox"             # "neox": pairs (i, i + d_rot/2) (Llama, Qwen); "gptj": pairs (2i, 2i+1)
+
+    def __post_init__(self):
+        if self.style not in ("neox", "gptj"):
+            raise ValueError(f"RopeSpec.style = {self.style!r}: must be 'neox' or 'gptj'")
 
 
 def _work_dtype(x: torch.Tensor) -> torch.dtype:

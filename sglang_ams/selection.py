@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
-from .config import PolicyConfig
+if TYPE_CHECKING:       # (cfg is any object with the AMS fields: a PolicyConfig or the AMS selector)
+    from .config import PolicyConfig
 
 QUOTA = 1e30                 # floor-quota tokens of a segment
 MASS_FLOOR = 1e-6            # keeps every segment's mass positive so leftover budget always finds a home
@@ -243,24 +245,3 @@ def select_ams(scores: torch.Tensor, evidence: torch.Tensor | None, lengths: tor
         carried = new_credit.gather(1, idx.clamp(min=0)).masked_fill(idx < 0, 0.0).view(n, nl, h, k)
     seg_ids = torch.where(comp, sid, -1).view(n, nl, h, t)
     return Selection(indices=idx.view(n, nl, h, k), n_keep=keep, credit=carried, segment_ids=seg_ids)
-
-
-def select(cfg: PolicyConfig, scores: torch.Tensor, lengths: torch.Tensor, n_pinned: torch.Tensor,
-           n_keep: torch.Tensor, evidence: torch.Tensor | None = None, credit: torch.Tensor | None = None,
-           k_max: int | None = None) -> Selection:
-    """Dispatch on the policy: ams → AMS; topk and streaming → global top-k of the scores."""
-    if cfg.policy == "ams":
-        return select_ams(scores, evidence, lengths, n_pinned, n_keep, cfg, credit, k_max)
-    if cfg.policy in ("topk", "streaming"):
-        return select_topk(scores, lengths, n_pinned, n_keep, cfg.keep_lastn, k_max)
-    raise ValueError(f"policy {cfg.policy!r} does not select tokens")
-
-
-def pinned_count(prefix_len: torch.Tensor, sink: int) -> torch.Tensor:
-    """Pinned front tokens: the radix-shared prefix, or the sink if that is longer."""
-    return prefix_len.clamp(min=sink)
-
-
-def keep_count(prefix_len: torch.Tensor, budget: torch.Tensor | int) -> torch.Tensor:
-    """Tokens kept per head: the shared prefix (free to the request) plus its budget."""
-    return prefix_len + budget

@@ -1,11 +1,17 @@
 """Torch reference of window attention: the Triton scoring kernel is checked against this."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
-from .scorers.base import WindowAttention
+
+@dataclasses.dataclass
+class WindowAttention:
+    """Softmax probabilities of the window queries over all keys, reduced the ways the scorers need."""
+    mean_rows: torch.Tensor         # [N, L, H*G, T] mean over the W rows
+    last_row: torch.Tensor          # [N, L, H*G, T] the newest query's row
 
 
 def causal_window_mask(lengths: torch.Tensor, window: int, num_tokens: int) -> torch.Tensor:

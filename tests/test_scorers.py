@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from sglang_ams.config import SCORERS, PolicyConfig
-from sglang_ams.rope import inv_freq_from_config, rope_from_hf_model, rotate, to_complex, unrotate
-from sglang_ams.scorers.base import RopeSpec, ScoreInputs, make_scorer
+from sglang_ams.rope import RopeSpec, inv_freq_from_config, rope_from_hf_model, rotate, to_complex, unrotate
+from sglang_ams.scorers.base import ScoreInputs
+from sglang_ams.scorers.builtin import make_scorer
 from sglang_ams.window_attention import window_attention
 
 LAYERS, KV_HEADS, T, W = 2, 2, 13, 4
@@ -369,7 +370,7 @@ def test_triattention_calibrated_statistics(case, tmp_path):
     stats = {(n, l, qh, f): (complex(q_mean[l, qh, f]), float(q_abs[l, qh, f]))
              for n in range(len(LENGTHS)) for l in range(LAYERS) for qh in range(case.hq) for f in range(n_freq)}
     scorer = make_scorer(PolicyConfig(scorer="triattention", triattention_stats=path))
-    assert not scorer.needs_queries
+    assert not scorer.needs.reads_window and scorer.needs.positions
     out = scorer.score(fresh(case.inputs, queries=None))           # stats from the file: no queries needed
     assert_valid_close(out, ref_triattention(case, stats), rtol=1e-3, atol=1e-3)
 
@@ -387,18 +388,58 @@ def test_triattention_rejects_mismatched_stats(case, tmp_path):
 # ---------------------------------------------------------------- registry and errors
 
 
-def test_make_scorer_every_name(case):
-    for name in SCORERS:
-        scorer = make_scorer(PolicyConfig(scorer=name))
-        assert scorer.name == name
-        out = scorer.score(fresh(case.inputs))
-        assert out.shape == (len(LENGTHS), LAYERS, KV_HEADS, T) and out.dtype == torch.float32
-        assert torch.isfinite(out).all(), name
+@pytest.mark.parametrize("name", SCORERS)
+def test_make_scorer_every_name(case, name):
+    scorer = make_scorer(PolicyConfig(scorer=name))
+    assert scorer.name == name
+    out = scorer.score(fresh(case.inputs))
+    assert out.shape == (len(LENGTHS), LAYERS, KV_HEADS, T) and out.dtype == torch.float32
+    assert torch.isfinite(out).all(), name
+
+
+def test_h2o_over_the_window_is_snapkv_without_pooling_but_for_the_newest(case):
+    """What h2o's docstring and the README say: with only W queries, H2O is SnapKV at pool_kernel 1, except the
+    newest W - 1 tokens (seen by fewer queries)."""
+    h2o, snapkv = run("h2o", case), run("snapkv", case, pool_kernel=1)
+    for n, length in enumerate(LENGTHS):
+        old = length - W + 1
+        torch.testing.assert_close(h2o[n, ..., :old], snapkv[n, ..., :old])
+        assert not torch.allclose(h2o[n, ..., old:length], snapkv[n, ..., old:length])
+
+
+@pytest.mark.parametrize("name", SCORERS)
+def test_scorer_reads_only_what_it_declares(case, name):
+    """Given only its declared inputs, as the compactor builds them (undeclared K/V replaced by noise, window
+    attention precomputed as the engine's kernel does), a scorer scores exactly as with every input."""
+    full = make_scorer(PolicyConfig(scorer=name)).score(fresh(case.inputs))
+    need = make_scorer(PolicyConfig(scorer=name)).needs
+    inp = case.inputs
+    gen = torch.Generator().manual_seed(5)
+
+    def noise(x):
+        return 100 * torch.randn(x.shape, generator=gen)
+    declared = ScoreInputs(
+        keys=inp.keys if need.keys else noise(inp.keys), values=inp.values if need.values else noise(inp.values),
+        lengths=inp.lengths, queries=inp.queries if need.reads_window else None,
+        query_pos=inp.query_pos if need.reads_window or need.positions else None,
+        rope=inp.rope if need.rope else None,
+        attn=window_attention(inp.keys, inp.queries, inp.lengths) if need.runs_attention else None)
+    assert_valid_close(make_scorer(PolicyConfig(scorer=name)).score(declared), full, rtol=1e-6, atol=1e-7)
+
+
+def test_scorer_hyper_parameters_are_fields():
+    """Constants are dataclass fields; the settings a user gives come from the PolicyConfig."""
+    cfg = PolicyConfig(scorer="snapkv", pool_kernel=3, seed=9, triattention_stats="x.pt")
+    assert make_scorer(cfg).pool_kernel == 3
+    assert make_scorer(cfg, "random").seed == 9 and make_scorer(cfg, "triattention").stats == "x.pt"
+    rkv = make_scorer(cfg, "rkv")
+    assert (rkv.importance_weight, rkv.pool_kernel, rkv.fixed_bytes) == (0.1, 7, 3 * (256 << 20) // 2)
+    assert make_scorer(cfg, "expected_attention").n_future == 512
 
 
 def test_scorers_needing_queries_say_so():
     case = build_case(2, 8, "neox", 8)
-    needing = [name for name in SCORERS if make_scorer(PolicyConfig(scorer=name)).needs_queries]
+    needing = [name for name in SCORERS if make_scorer(PolicyConfig(scorer=name)).needs.reads_window]
     assert set(needing) == {"tova", "snapkv", "h2o", "rkv", "expected_attention", "triattention"}
     for name in needing:
         with pytest.raises(ValueError, match=f"scorer '{name}' needs ScoreInputs.queries"):

@@ -6,15 +6,13 @@ import pytest
 from sglang_ams.compaction import scorer_for
 from sglang_ams.config import SCORERS, PolicyConfig
 from sglang_ams.engine import workspace
-from sglang_ams.engine.compactor import needs_attention
 
 LLAMA_8B = dict(num_kv_heads=8, group=4, head_dim=128, elem_size=2)
 QWEN_7B = dict(num_kv_heads=4, group=7, head_dim=128, elem_size=2)
 
 
 def _cost(cfg, dims):
-    return workspace.chunk_cost(cfg, scorer_for(cfg), attention=needs_attention(cfg), last_row=cfg.scorer == "tova",
-                                **dims)
+    return workspace.chunk_cost(cfg, scorer_for(cfg), **dims)
 
 
 def _check(lengths, layers, cost, bound):

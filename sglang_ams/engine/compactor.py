@@ -24,9 +24,9 @@ from ..config import PolicyConfig
 from ..kernels.compaction import compact_kv, tail_pages, tail_to_free
 from ..kernels.gather import gather_dense
 from ..kernels.scoring import window_attention_pool
-from ..scorers.base import ScoreInputs, WindowAttention
+from ..scorers.base import Inputs, ScoreInputs
+from ..window_attention import WindowAttention
 from . import workspace
-from .admission import MIN_DECODE_STEPS
 from .checks import (check_invariants, check_pinned_in_place, free_before, verify_decode_lse, workspace_peak_end,
                      workspace_peak_start)
 from .counters import Timer, now
@@ -35,31 +35,20 @@ from .request_state import RequestState, state_of
 from .runtime import Runtime
 from .sglang_compat import pool_idx, protected_len, shrink_kv
 
-ATTENTION_SCORERS = ("tova", "snapkv", "h2o", "rkv")
-# A request decodes at least MIN_DECODE_STEPS (admission.py) steps before its first compaction: under the overlap
-# scheduler the post-prefill radix-cache call for a request runs one iteration after it joined the decode batch.
 NOT, JOIN, DUE = 0, 1, 2          # readiness of a request to compact in this step
-
-
-def needs_attention(cfg: PolicyConfig) -> bool:
-    """Whether the window-attention kernel runs: only policies that collect queries (streaming and top-k of
-    a key-only scorer do not, even when the server's default scorer reads attention)."""
-    if not cfg.needs_queries:
-        return False
-    return cfg.scorer in ATTENTION_SCORERS or (cfg.policy == "ams" and cfg.use_mass)
 
 
 def trigger_points(rt: Runtime, req, cfg: PolicyConfig) -> tuple[int, int]:
     """(cap, early): the length at which a request must compact, and the earliest at which it may (batch slack)."""
-    cap = protected_len(req) + cfg.budget + cfg.interval
+    cap = cfg.trigger_len(protected_len(req))
     return cap, cap - rt.settings.slack_tokens(cfg.interval)
 
 
 def take_prefill_rows(rt: Runtime, batch) -> int:
     """Prefill window: before a prefill batch runs, give a ring row to each request whose whole prompt reaches the
     point where it would take one in decode; the attention-backend hook (patches/prefill_window.py) then writes the
-    prompt's last W queries into it, so the request may compact MIN_DECODE_STEPS decode steps later. Returns the
-    rows taken."""
+    prompt's last W queries into it, so the request may compact PolicyConfig.MIN_DECODE_STEPS decode steps later.
+    Returns the rows taken."""
     if rt.ring is None or not rt.settings.policy.prefill_window or rt.settings.prompt_cache == "cached":
         return 0                                        # (a cached prompt is pinned: nothing to compact early)
     taken = 0
@@ -98,11 +87,11 @@ class Due:
 
     @property
     def keep(self) -> int:
-        return self.prefix + self.state.cfg.budget
+        return self.state.cfg.kept_len(self.prefix)
 
     @property
     def pinned(self) -> int:
-        return max(self.prefix, self.state.cfg.sink)
+        return self.state.cfg.pinned_len(self.prefix)
 
     def report(self, freed: int = 0) -> RequestReport:
         return RequestReport(self.req.rid, pool_idx(self.req), self.length, self.prefix, self.keep, self.pinned, freed)
@@ -143,7 +132,7 @@ class Compactor:
         before the earliest point it may compact (or at prefill: take_prefill_rows)."""
         cfg = st.cfg
         cap, early = trigger_points(self.rt, req, cfg)
-        if req.decode_batch_idx < MIN_DECODE_STEPS:
+        if req.decode_batch_idx < cfg.MIN_DECODE_STEPS:
             return NOT
         if cfg.needs_queries:
             ring = self.rt.ring
@@ -209,8 +198,7 @@ class Compactor:
         shape = self.rt.shape
         return workspace.chunk_cost(cfg, self._scorer(cfg), num_kv_heads=shape.num_kv_heads,
                                     group=shape.group_size, head_dim=shape.head_dim,
-                                    elem_size=shape.dtype.itemsize,
-                                    attention=needs_attention(cfg), last_row=cfg.scorer == "tova")
+                                    elem_size=shape.dtype.itemsize)
 
     def chunks(self, items: list[Due]) -> list[workspace.Chunk]:
         """The group cut so that no chunk's temporaries pass the bound reserved at startup (host arithmetic)."""
@@ -262,18 +250,21 @@ class Compactor:
         layers, rows, lengths, t_max = launch.layers, launch.rows, launch.lengths, launch.t_max
         n, nl = len(items), len(layers)
         k_ptrs, v_ptrs = launch.k_ptrs, launch.v_ptrs
-        scorer = self._scorer(cfg)
+        need = cfg.inputs
         queries = query_pos = attn = row_lse = None
         decode_lse = False
-        if cfg.needs_queries:
-            ring_rows = torch.tensor([d.state.ring_row for d in items], dtype=torch.int64, device=dev)
+        if need.reads_window or need.positions:      # logical position of each request's newest query
             newest = torch.tensor([d.length - 1 + d.state.pos_offset for d in items], dtype=torch.int64, device=dev)
+        if need.reads_window:
+            ring_rows = torch.tensor([d.state.ring_row for d in items], dtype=torch.int64, device=dev)
             queries, query_pos = rt.ring.window_queries(ring_rows, newest, layers)
-        if needs_attention(cfg):
+        elif need.positions:        # (the ring's positions without its queries: the last W logical positions)
+            query_pos = newest[:, None] - (cfg.window - 1) + torch.arange(cfg.window, device=dev)[None, :]
+        if need.runs_attention:
             attention = functools.partial(
                 window_attention_pool, k_ptrs, r2t, rows, lengths, queries, kv_dtype=shape.dtype,
                 num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim, slot_stride=rt.slot_stride,
-                scale=shape.scale, want_last_row=cfg.scorer == "tova", max_len=t_max)
+                scale=shape.scale, want_last_row=need.last_row, max_len=t_max)
             if rt.settings.scoring_lse == "decode" and rt.ring.has_lse and rt.decode_lse_ok is not False \
                     and all(d.state.ring_lse for d in items):
                 row_lse = rt.ring.window_lse(ring_rows, newest, layers)     # keys are then read once
@@ -282,11 +273,11 @@ class Compactor:
                 mean_rows, last_row = verify_decode_lse(rt, attention, mean_rows, last_row, items)
             decode_lse = row_lse is not None and bool(rt.decode_lse_ok)
             attn = WindowAttention(mean_rows=mean_rows, last_row=last_row)
-        keys, values = self._dense_kv(scorer, k_ptrs, v_ptrs, rows, lengths, n, nl, t_max)
+        keys, values = self._dense_kv(need, k_ptrs, v_ptrs, rows, lengths, n, nl, t_max)
         inputs = ScoreInputs(keys=keys, values=values, lengths=lengths.long(), queries=queries,
-                             query_pos=query_pos, rope=rt.rope, scale=shape.scale, attn=attn,
+                             query_pos=query_pos, rope=rt.rope if need.rope else None, scale=shape.scale, attn=attn,
                              layer_start=layers.start, model_layers=shape.num_layers)
-        credit = self._credit(items, t_max, layers) if cfg.policy == "ams" and cfg.use_credit else None
+        credit = self._credit(items, t_max, layers) if cfg.selector.uses_credit else None
         return inputs, credit, decode_lse
 
     def _select(self, items: list[Due], launch: Launch, inputs: ScoreInputs, credit):
@@ -325,18 +316,19 @@ class Compactor:
         rt.pos_offsets[rows] = torch.tensor(offsets, dtype=torch.int64, device=rt.device)
         return freed
 
-    def _dense_kv(self, scorer, k_ptrs, v_ptrs, rows, lengths, n, nl, t_max):
+    def _dense_kv(self, need: Inputs, k_ptrs, v_ptrs, rows, lengths, n, nl, t_max):
+        """Keys and values gathered from the pool where declared; else a shape-only stand-in (no memory)."""
         shape, rt = self.rt.shape, self.rt
         dims = (n, nl, shape.num_kv_heads, t_max, shape.head_dim)
-        if not getattr(scorer, "reads_kv", True):
-            # Shape only: this scorer works from the attention statistics.
-            empty = torch.empty((), dtype=shape.dtype, device=rt.device).expand(*dims)
-            return empty, empty
         r2t = rt.req_to_token_pool.req_to_token
         kw = dict(num_layers=nl, num_heads=shape.num_kv_heads, head_dim=shape.head_dim,
                   slot_stride=rt.slot_stride, dtype=shape.dtype)
-        return (gather_dense(k_ptrs, r2t, rows, lengths, t_max, **kw),
-                gather_dense(v_ptrs, r2t, rows, lengths, t_max, **kw))
+
+        def dense(ptrs, wanted):
+            if not wanted:
+                return torch.empty((), dtype=shape.dtype, device=rt.device).expand(*dims)
+            return gather_dense(ptrs, r2t, rows, lengths, t_max, **kw)
+        return dense(k_ptrs, need.keys), dense(v_ptrs, need.values)
 
     def _credit(self, items: list[Due], t_max: int, layers: range) -> torch.Tensor:
         """Carried credit aligned with the current tokens; tokens added since the last compaction start at 0."""

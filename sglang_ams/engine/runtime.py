@@ -12,6 +12,7 @@ import logging
 import torch
 
 from ..kernels.gather import pointer_table
+from ..rope import RopeSpec, inv_freq_from_config
 from . import ring as ring_mod
 from .counters import Counters
 from .settings import EngineSettings
@@ -38,6 +39,11 @@ class ModelShape:
     @property
     def group_size(self) -> int:
         return self.num_q_heads // self.num_kv_heads
+
+    def kv_dims(self) -> dict:
+        """The numbers the workspace bound is computed from (engine/workspace.py)."""
+        return dict(num_kv_heads=self.num_kv_heads, group=self.group_size, head_dim=self.head_dim,
+                    elem_size=self.dtype.itemsize)
 
 
 class Runtime:
@@ -67,6 +73,17 @@ class Runtime:
         self.forward_stream = None
         self.overlap = False
         self.workspace_bytes = 1 << 62      # until set_workspace: unbounded (tests that do not care)
+
+    @classmethod
+    def from_model_runner(cls, settings: EngineSettings, model_runner) -> "Runtime":
+        """The runtime of a ModelRunner whose KV pool SGLang just allocated; raises Unsupported for a pool, model or
+        layer compaction cannot handle."""
+        kv_pool, allocator = model_runner.token_to_kv_pool, model_runner.token_to_kv_pool_allocator
+        check_pool(kv_pool, allocator)
+        check_model_config(model_runner.model_config)
+        rope = RopeSpec(inv_freq=inv_freq_from_config(model_runner.model_config.hf_config).to(model_runner.device))
+        return cls(settings, model_shape(model_runner), kv_pool, model_runner.req_to_token_pool, allocator, rope,
+                   ring_rows_for(settings, model_runner.max_total_num_tokens))
 
     def set_workspace(self, bound: int) -> None:
         """The most transient GPU memory a compaction step may allocate (reserved from the KV budget)."""

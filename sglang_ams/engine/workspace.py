@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..config import PolicyConfig
+from ..compaction import scorer_for
+from ..config import SCORERS, PolicyConfig
+from ..selector import SELECTORS
 
 SAFETY = 1.25                  # on top of the measured peaks (caching-allocator rounding, kernel temporaries)
 SORT_TEMP = 32                 # GPU sorts: double-buffered int64 keys and indices per (row, token)
-SELECT_BYTES = {"topk": 48, "streaming": 48, "ams": 160}    # selection's peak per (row, token), measured ~37 / 130
 WORKSPACE_FRACTION = 0.02      # automatic bound: this share of the KV budget, at least one context-length layer
 
 
@@ -33,22 +34,17 @@ class ChunkCost:
         return int(SAFETY * (rows * (tokens * self.per_row_token + self.per_row) + self.fixed))
 
 
-def chunk_cost(cfg: PolicyConfig, scorer, *, num_kv_heads: int, group: int, head_dim: int, elem_size: int,
-               attention: bool, last_row: bool) -> ChunkCost:
-    """The cost model of one compaction chunk for requests of this config (their scorer `scorer`)."""
-    w = cfg.window
-    per_token = SELECT_BYTES[cfg.policy] + SORT_TEMP + scorer.transient_bytes(group, w, head_dim)
-    if attention:                                   # window attention: mean rows (and the last row) per query head
-        per_token += 4 * group * (2 if last_row else 1)
-    if cfg.policy == "ams" and cfg.use_mass:        # evidence: pooled copy of the mean rows, mean over the group
-        per_token += 4 * group + 4
-    if cfg.policy == "ams" and cfg.use_credit:      # carried credit laid out over the current tokens
-        per_token += 4
-    if getattr(scorer, "reads_kv", True):           # keys and values gathered from the pool
-        per_token += 2 * head_dim * elem_size
+def chunk_cost(cfg: PolicyConfig, scorer, *, num_kv_heads: int, group: int, head_dim: int,
+               elem_size: int) -> ChunkCost:
+    """The cost model of one compaction chunk for requests of this config (their scorer `scorer`), from what the
+    scorer and the selector declare they read."""
+    w, need = cfg.window, cfg.inputs
+    per_token = cfg.selector.transient_bytes(group) + SORT_TEMP + scorer.transient_bytes(group, w, head_dim)
+    if need.runs_attention:                         # window attention: mean rows (and the last row) per query head
+        per_token += 4 * group * (2 if need.last_row else 1)
+    per_token += (need.keys + need.values) * head_dim * elem_size     # keys and values gathered from the pool
     per_row = group * w * (2 * head_dim * elem_size + 8) + 64     # window queries, their LSE, kernel partials
-    return ChunkCost(per_row_token=per_token, per_row=per_row, fixed=getattr(scorer, "fixed_bytes", 0),
-                     num_kv_heads=num_kv_heads)
+    return ChunkCost(per_row_token=per_token, per_row=per_row, fixed=scorer.fixed_bytes, num_kv_heads=num_kv_heads)
 
 
 def auto_bound(smallest_chunk: int, kv_bytes: int) -> int:
@@ -91,9 +87,8 @@ def plan_chunks(lengths: list[int], num_layers: int, cost: ChunkCost, bound: int
 def reachable_configs(server: PolicyConfig) -> list[PolicyConfig]:
     """The configs a request may run under: the server's, and what a per-request override can select
     (policy and scorer; a query-reading one only where the server collects queries)."""
-    from ..config import SCORERS
     configs = [server]
-    for policy in ("topk", "ams", "streaming"):
+    for policy in SELECTORS:
         for scorer in SCORERS:
             cfg = server.replace(policy=policy, scorer=scorer)
             if not cfg.needs_queries or server.needs_queries:
@@ -105,11 +100,9 @@ def smallest_chunk(server: PolicyConfig, *, num_kv_heads: int, group: int, head_
                    context_len: int) -> int:
     """The largest of the chunks the planner may be forced to run: one layer of one request at the context
     length, under the costliest config a request can pick."""
-    from ..compaction import scorer_for
-    from .compactor import needs_attention
     worst = 0
     for cfg in reachable_configs(server):
         cost = chunk_cost(cfg, scorer_for(cfg), num_kv_heads=num_kv_heads, group=group, head_dim=head_dim,
-                          elem_size=elem_size, attention=needs_attention(cfg), last_row=cfg.scorer == "tova")
+                          elem_size=elem_size)
         worst = max(worst, cost.bytes(1, 1, context_len))
     return worst

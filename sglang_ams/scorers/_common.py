@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import ScoreInputs, WindowAttention
+from ..window_attention import WindowAttention
+from .base import ScoreInputs
 
 
 def require(inputs: ScoreInputs, field: str, scorer: str, why: str) -> None:

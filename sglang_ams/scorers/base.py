@@ -7,6 +7,8 @@ Shapes (N requests padded to T tokens, L layers, H KV heads, G query heads per K
                                   sees keys up to that index (causal); query head h*G + g belongs to KV head h
   query_pos     [N, W]            logical positions of the window queries (the last one is "now")
 A scorer returns float32 [N, L, H, T]: higher means more worth keeping. Values at padding positions are ignored.
+It declares what it reads (`Inputs`): the compactor and the reference loop build only that, and a test gives every
+scorer only its declared inputs. Its hyper-parameters are dataclass fields (`config_field`: from the PolicyConfig).
 """
 from __future__ import annotations
 
@@ -15,25 +17,8 @@ from typing import ClassVar
 
 import torch
 
-from ..config import PolicyConfig
-
-
-@dataclasses.dataclass
-class RopeSpec:
-    """The model's rotary embedding: inverse frequencies of the rotated pairs and their layout."""
-    inv_freq: torch.Tensor          # [d_rot / 2] float32; dims past d_rot are not rotated
-    style: str = "neox"             # "neox": pairs (i, i + d_rot/2) (Llama, Qwen); "gptj": pairs (2i, 2i+1)
-
-    def __post_init__(self):
-        if self.style not in ("neox", "gptj"):
-            raise ValueError(f"RopeSpec.style = {self.style!r}: must be 'neox' or 'gptj'")
-
-
-@dataclasses.dataclass
-class WindowAttention:
-    """Softmax probabilities of the window queries over all keys, reduced the ways the scorers need."""
-    mean_rows: torch.Tensor         # [N, L, H*G, T] mean over the W rows
-    last_row: torch.Tensor          # [N, L, H*G, T] the newest query's row
+from ..rope import RopeSpec
+from ..window_attention import WindowAttention, window_attention
 
 
 @dataclasses.dataclass
@@ -65,7 +50,6 @@ class ScoreInputs:
 
     def window_attention(self) -> WindowAttention:
         if self.attn is None:
-            from ..window_attention import window_attention
             if self.queries is None:
                 raise ValueError("this scorer needs window queries; none were given")
             self.attn = window_attention(self.keys, self.queries, self.lengths, self.sm_scale)
@@ -77,14 +61,58 @@ class ScoreInputs:
         return t[None, :] < self.lengths[:, None]
 
 
-class Scorer:
-    name: ClassVar[str]
-    needs_queries: ClassVar[bool] = False
-    reads_kv: ClassVar[bool] = True     # False: only the shape/device of keys is used (the engine skips gathering)
-    fixed_bytes: ClassVar[int] = 0      # temporaries of score() that do not grow with the inputs (R-KV's tile)
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """What a scorer or a selector reads. The compactor and the reference loop build only what is declared;
+    ScoreInputs.keys and values are always there for their shape and device, undeclared ones may hold no data."""
+    keys: bool = False          # post-RoPE keys from the KV cache
+    values: bool = False
+    queries: bool = False       # the last W post-RoPE queries (and their positions)
+    positions: bool = False     # the window queries' logical positions only (query_pos)
+    attention: bool = False     # window attention, mean over the W rows
+    last_row: bool = False      # window attention of the newest query
+    rope: bool = False          # the model's RoPE frequencies
 
-    def __init__(self, cfg: PolicyConfig):
-        self.cfg = cfg
+    def __or__(self, other: "Inputs") -> "Inputs":
+        return Inputs(**{f.name: getattr(self, f.name) or getattr(other, f.name) for f in dataclasses.fields(self)})
+
+    @property
+    def runs_attention(self) -> bool:
+        """Whether window attention is computed (the engine's Triton kernel)."""
+        return self.attention or self.last_row
+
+    @property
+    def reads_window(self) -> bool:
+        """Whether the last W queries are needed (the engine's query ring): directly or for window attention."""
+        return self.queries or self.runs_attention
+
+
+def config_field(name: str, default=dataclasses.MISSING, **kwargs):
+    """A hyper-parameter set from PolicyConfig.<name> (the user-facing setting) by `from_config`."""
+    return dataclasses.field(default=default, metadata={"config": name}, **kwargs)
+
+
+@dataclasses.dataclass
+class Scorer:
+    """A scorer is a dataclass of its hyper-parameters; fields made with config_field come from the PolicyConfig,
+    the others are the method's constants."""
+    name: ClassVar[str]
+    inputs: ClassVar[Inputs] = Inputs()
+
+    @classmethod
+    def from_config(cls, cfg) -> "Scorer":
+        return cls(**{f.name: getattr(cfg, f.metadata["config"]) for f in dataclasses.fields(cls)
+                      if "config" in f.metadata})
+
+    @property
+    def needs(self) -> Inputs:
+        """The inputs this instance reads (a scorer whose needs depend on its fields overrides it)."""
+        return self.inputs
+
+    @property
+    def fixed_bytes(self) -> int:
+        """Temporaries of score() that do not grow with the inputs (R-KV's tile)."""
+        return 0
 
     def transient_bytes(self, group: int, window: int, head_dim: int) -> int:
         """Most bytes score() holds at once per (request, layer, KV head, token), its output included; the
@@ -101,8 +129,3 @@ REGISTRY: dict[str, type[Scorer]] = {}
 def register(cls: type[Scorer]) -> type[Scorer]:
     REGISTRY[cls.name] = cls
     return cls
-
-
-def make_scorer(cfg: PolicyConfig) -> Scorer:
-    from . import builtin  # noqa: F401  (registers every scorer)
-    return REGISTRY[cfg.scorer](cfg)

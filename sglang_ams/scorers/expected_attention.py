@@ -8,22 +8,28 @@ mean rotation R̄ (2x2 blocks, one per frequency pair), so the future query has 
 so the expected (unnormalised) attention has logit s μ'·k + s²/2 kᵀΣ'k; for s = 1/√d that is kvpress's
 k·μ'/√d + kᵀΣ'k/(2d). Softmax over the request's keys, mean over the query group, then weight by ‖v‖ because a
 token's output contribution scales with its value norm: (score + ε)·‖v_j‖.
+
+A variant, named honestly: μ and Σ are the moments of the last W window queries only (the engine keeps no more),
+not of a longer query history.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
 from ..rope import mean_phasor, multiply_pairs, unrotate
 from ._common import by_kv_head, finish, require, token_mask
-from .base import ScoreInputs, Scorer, register
+from .base import Inputs, ScoreInputs, Scorer, register
 
 
 @register
+@dataclasses.dataclass
 class ExpectedAttentionScorer(Scorer):
     name = "expected_attention"
-    needs_queries = True
-    n_future = 512          # future positions the rotation is averaged over
-    epsilon = 1e-2          # keeps a small floor so ‖v‖ still ranks tokens with negligible expected attention
+    inputs = Inputs(keys=True, values=True, queries=True, rope=True)
+    n_future: int = 512         # future positions the rotation is averaged over
+    epsilon: float = 1e-2       # keeps a small floor so ‖v‖ still ranks tokens with negligible expected attention
 
     def transient_bytes(self, group, window, head_dim):
         return 9 * head_dim + 8 * group * window + 16 * group + 16     # fp32 keys, per-query projections

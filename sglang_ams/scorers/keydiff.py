@@ -4,17 +4,20 @@ anchor = mean over the request's valid tokens of the unit-normalised keys, per (
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
 from ._common import finish, token_mask
-from .base import ScoreInputs, Scorer, register
+from .base import Inputs, ScoreInputs, Scorer, register
 
 
 @register
+@dataclasses.dataclass
 class KeyDiffScorer(Scorer):
     name = "keydiff"
-    needs_queries = False
+    inputs = Inputs(keys=True)
 
     def transient_bytes(self, group, window, head_dim):
         return 8 * head_dim + 16            # fp32 unit keys and their product with the anchor

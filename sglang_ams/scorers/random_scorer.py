@@ -1,28 +1,28 @@
 """Random baseline: uniform scores from a generator seeded once with cfg.seed (deterministic sequence per scorer)."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ._common import finish
-from .base import ScoreInputs, Scorer, register
+from .base import Inputs, ScoreInputs, Scorer, config_field, register
 
 
 @register
+@dataclasses.dataclass
 class RandomScorer(Scorer):
     name = "random"
-    needs_queries = False
-    reads_kv = False
+    inputs = Inputs()
+    seed: int = config_field("seed")
+    _generators: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     def transient_bytes(self, group, window, head_dim):
         return 16
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self._generators: dict[torch.device, torch.Generator] = {}
-
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.cfg.seed)
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[device]
 
     def score(self, inputs: ScoreInputs):

@@ -12,23 +12,29 @@ step is row-local except the column mean, which is accumulated across tiles. Tha
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
 from ._common import attention, by_kv_head, finish
-from .base import ScoreInputs, Scorer, register
+from .base import Inputs, ScoreInputs, Scorer, register
 
 
 @register
+@dataclasses.dataclass
 class RKVScorer(Scorer):
     name = "rkv"
-    needs_queries = True
-    pool_kernel = 7
-    importance_weight = 0.1        # λ (R-KV README)
-    similarity_threshold = 0.5
-    max_tile_bytes = 256 << 20
-    _bytes_per_entry = 16          # similarity (4) + index (8) + masks, per S entry in a tile
-    fixed_bytes = 3 * max_tile_bytes // 2
+    inputs = Inputs(keys=True, attention=True)
+    pool_kernel: int = 7                # max pool of the importance (R-KV's own, not cfg.pool_kernel)
+    importance_weight: float = 0.1      # λ (R-KV README)
+    similarity_threshold: float = 0.5
+    max_tile_bytes: int = 256 << 20
+    _bytes_per_entry = 16               # similarity (4) + index (8) + masks, per S entry in a tile
+
+    @property
+    def fixed_bytes(self) -> int:
+        return 3 * self.max_tile_bytes // 2
 
     def transient_bytes(self, group, window, head_dim):
         return 4 * head_dim + 8 * group + 64                          # unit keys; pooled attention

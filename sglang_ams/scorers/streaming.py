@@ -1,17 +1,19 @@
 """StreamingLLM: recency. The sink tokens are pinned by selection; the scorer only prefers recent tokens."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ._common import finish
-from .base import ScoreInputs, Scorer, register
+from .base import Inputs, ScoreInputs, Scorer, register
 
 
 @register
+@dataclasses.dataclass
 class StreamingScorer(Scorer):
     name = "streaming"
-    needs_queries = False
-    reads_kv = False
+    inputs = Inputs()
 
     def transient_bytes(self, group, window, head_dim):
         return 8

@@ -1,15 +1,17 @@
 """TOVA: attention of the newest query, averaged over all query heads and shared by every KV head."""
 from __future__ import annotations
 
+import dataclasses
+
 from ._common import attention, finish
-from .base import ScoreInputs, Scorer, register
+from .base import Inputs, ScoreInputs, Scorer, register
 
 
 @register
+@dataclasses.dataclass
 class TovaScorer(Scorer):
     name = "tova"
-    needs_queries = True
-    reads_kv = False
+    inputs = Inputs(last_row=True)
 
     def score(self, inputs: ScoreInputs):
         last = attention(inputs, self.name).last_row            # [N, L, H*G, T]

@@ -17,42 +17,46 @@ one it needs only query_pos (for p_now).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..rope import mean_phasor, to_complex, unrotate
 from ._common import by_kv_head, finish, require, token_mask
-from .base import ScoreInputs, Scorer, register
+from .base import Inputs, ScoreInputs, Scorer, config_field, register
 
 
 @register
+@dataclasses.dataclass
 class TriAttentionScorer(Scorer):
     name = "triattention"
-    needs_queries = True           # class default (no stats file); instances with a stats file set it False
-    max_log2_offset = 16           # δ ∈ {2^0, …, 2^16}
-    zscore_eps = 1e-6
+    stats: str = config_field("triattention_stats")     # calibration file; empty: statistics from the window
+    max_log2_offset: int = 16      # δ ∈ {2^0, …, 2^16}
+    zscore_eps: float = 1e-6
+    _calibrated: tuple | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def needs(self) -> Inputs:
+        # The newest position always; the window queries only when no stats file supplies the statistics.
+        return Inputs(keys=True, rope=True, positions=True, queries=not self.stats)
 
     def transient_bytes(self, group, window, head_dim):
         return 13 * head_dim + 16 * group + 64                        # complex keys, per-query-head scores
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.needs_queries = not cfg.triattention_stats
-        self._calibrated = None     # (q_mean, q_abs_mean) loaded on first use
-
     def _calibration(self, inputs: ScoreInputs):
         if self._calibrated is None:
             from .triattention_calib import load_stats
-            stats = load_stats(self.cfg.triattention_stats)
+            stats = load_stats(self.stats)
             self._calibrated = (stats.q_mean, stats.q_abs_mean, stats.style)
         q_mean, q_abs, style = self._calibrated
         if style != inputs.rope.style:
-            raise ValueError(f"triattention stats {self.cfg.triattention_stats!r} pair dims {style}-style; the "
+            raise ValueError(f"triattention stats {self.stats!r} pair dims {style}-style; the "
                              f"model's RoPE is {inputs.rope.style}-style")
         n, nl, h = inputs.keys.shape[:3]
         freqs = inputs.rope.inv_freq.numel()
         model_layers = inputs.model_layers or nl
         if q_mean.shape[0] != model_layers or q_mean.shape[1] % h or q_mean.shape[2] != freqs:
-            raise ValueError(f"triattention stats {self.cfg.triattention_stats!r} have [layers, q heads, freqs] = "
+            raise ValueError(f"triattention stats {self.stats!r} have [layers, q heads, freqs] = "
                              f"{list(q_mean.shape)}; the model needs {model_layers} layers, a multiple of {h} q heads and "
                              f"{freqs} frequency pairs")
         device = inputs.keys.device
@@ -69,7 +73,7 @@ class TriAttentionScorer(Scorer):
         require(inputs, "rope", self.name, "the model's RoPE frequencies")
         require(inputs, "query_pos", self.name, "the newest query position")
         rope = inputs.rope
-        q_mean, q_abs = self._calibration(inputs) if self.cfg.triattention_stats else self._window_statistics(inputs)
+        q_mean, q_abs = self._calibration(inputs) if self.stats else self._window_statistics(inputs)
         offsets = 2 ** torch.arange(self.max_log2_offset + 1, device=inputs.query_pos.device)
         future = mean_phasor(inputs.query_pos[:, -1], offsets, rope)[:, None, None, :]   # [N, 1, 1, F]
         centre = q_mean * future.to(q_mean.device, q_mean.dtype)                    # [N, L, Hq, F]

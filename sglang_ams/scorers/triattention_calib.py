@@ -25,8 +25,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from ..rope import rope_from_hf_model, to_complex
-from .base import RopeSpec
+from ..rope import RopeSpec, rope_from_hf_model, to_complex
 
 
 @dataclasses.dataclass

@@ -10,7 +10,6 @@ from sglang.srt.managers.schedule_batch import ScheduleBatch
 from sglang_ams.compaction import gather_kept, plan, scorer_for
 from sglang_ams.engine import request_state
 from sglang_ams.engine import sglang_compat as compat
-from sglang_ams.engine.compactor import needs_attention
 from sglang_ams.engine.report import ChunkReport, StepReport
 from sglang_ams.scorers.base import ScoreInputs
 from sglang_ams.window_attention import window_attention
@@ -97,8 +96,9 @@ def check_selection(env: Env, c: ChunkReport, snap: Snap) -> None:
     for j, it in enumerate(c.requests):
         assert int(g.n_keep[j]) == it.keep == it.prefix + cfg.budget
         assert int(g.n_pinned[j]) == it.pinned == max(it.prefix, cfg.sink)
-        if getattr(scorer_for(cfg), "reads_kv", True):          # the Triton gather read the same keys
+        if cfg.inputs.keys:             # the Triton gather read the same keys (and values) where declared
             assert torch.equal(g.inputs.keys[j, :, :, :it.length], keys[j])
+        if cfg.inputs.values:
             assert torch.equal(g.inputs.values[j, :, :, :it.length], values[j])
     queries = query_pos = None
     if cfg.needs_queries:
@@ -109,11 +109,11 @@ def check_selection(env: Env, c: ChunkReport, snap: Snap) -> None:
         assert torch.equal(g.inputs.query_pos, query_pos)
     reference = ScoreInputs(keys=padded(keys), values=padded(values), lengths=lengths, queries=queries,
                             query_pos=query_pos, rope=env.rt.rope, scale=env.rt.shape.scale)
-    assert c.decode_lse == (needs_attention(cfg) and env.rt.settings.scoring_lse == "decode"
+    assert c.decode_lse == (cfg.inputs.runs_attention and env.rt.settings.scoring_lse == "decode"
                             and env.rt.decode_lse_ok is not False and c.ring_lse)
-    if needs_attention(cfg):        # Triton window attention over the pool == torch over dense tensors
+    if cfg.inputs.runs_attention:        # Triton window attention over the pool == torch over dense tensors
         ref = window_attention(reference.keys, queries, lengths, reference.scale)
-        for name in ("mean_rows", "last_row") if cfg.scorer == "tova" else ("mean_rows",):
+        for name in ("mean_rows", "last_row") if cfg.inputs.last_row else ("mean_rows",):
             got = getattr(g.inputs.attn, name)
             torch.testing.assert_close(got, getattr(ref, name), atol=2e-5, rtol=1e-4)
     expected = plan(cfg, scorer_for(cfg), reference, g.n_pinned, g.n_keep, g.credit, k_max=int(g.n_keep.max()))

@@ -20,9 +20,10 @@ pytestmark = MARKS
 def test_admission_arithmetic():
     ams = PolicyConfig(policy="ams", budget=1024, interval=512, window=8)
     stream = PolicyConfig(policy="streaming", budget=1024, interval=512)
-    assert admission.cap(0, ams) == 1536 and admission.cap(256, ams) == 1792
+    assert ams.trigger_len(0) == 1536 and ams.trigger_len(256) == 1792
+    assert ams.kept_len(256) == 1280 and ams.pinned_len(0) == ams.sink and ams.pinned_len(256) == 256
     # Lead past the trigger: MIN_DECODE_STEPS before the first ring row, then a full window of queries.
-    assert admission.lead_tokens(ams) == 8 + 2 and admission.lead_tokens(stream) == 2
+    assert ams.lead_tokens == 8 + 2 and stream.lead_tokens == 2 == PolicyConfig.MIN_DECODE_STEPS
     assert admission.admission_new_tokens(1000, 0, 4000, ams) == 536           # grows to the cap
     assert admission.admission_new_tokens(1000, 256, 4000, ams) == 792         # pinned prefix is extra
     assert admission.admission_new_tokens(1000, 0, 100, ams) == 100            # finishes first

@@ -9,10 +9,9 @@ import torch
 from sglang_ams.config import PolicyConfig
 from sglang_ams.engine import request_state
 from sglang_ams.engine import sglang_compat as compat
-from sglang_ams.engine.compactor import needs_attention
 
 from .checks import compacted, step
-from .harness import MARKS, DecodeAttention, add_request, make_batch, make_env
+from .harness import CFG, LAYERS, MARKS, Q_HEADS, DecodeAttention, add_request, forward, make_batch, make_env, tiny_rope
 
 pytestmark = MARKS
 
@@ -20,7 +19,7 @@ pytestmark = MARKS
 def test_mixed_overrides_compact_in_one_step():
     """Streaming (no queries), top-k KeyDiff (keys, no queries), AMS+TOVA and the server default in one batch.
     Regression: a streaming override on a server whose scorer reads attention used to run the attention
-    kernel with no queries (fixed by compactor.needs_attention)."""
+    kernel with no queries (fixed by the policy's declared inputs, PolicyConfig.inputs)."""
     env = make_env()
     overrides = {"stream": "streaming", "keydiff": {"policy": "topk", "scorer": "keydiff"},
                  "tova": {"policy": "ams", "scorer": "tova"}, "default": None, "off": "none"}
@@ -41,13 +40,16 @@ def test_mixed_overrides_compact_in_one_step():
 
 
 def test_needs_attention():
+    def needs_attention(cfg):
+        return cfg.inputs.runs_attention
     server = PolicyConfig(policy="ams", scorer="tova")
-    assert needs_attention(server)
+    assert needs_attention(server) and server.inputs.last_row
     assert not needs_attention(server.replace(policy="streaming"))
     assert not needs_attention(server.replace(policy="topk", scorer="keydiff"))
     assert needs_attention(server.replace(policy="topk", scorer="snapkv"))
     assert not needs_attention(server.replace(policy="topk", scorer="expected_attention"))
     assert needs_attention(server.replace(scorer="expected_attention"))     # AMS mass reads attention
+    assert not needs_attention(server.replace(scorer="keydiff", use_mass=False))
 
 
 @pytest.mark.parametrize("slack", [0.0, 0.5])
@@ -100,3 +102,27 @@ def test_scoring_lse_recompute():
     groups = [g for _ in range(12) for g in step(env, batch).chunks]
     assert groups and not any(g.decode_lse for g in groups) and env.rt.counters.decode_lse_launches == 0
     assert not env.rt.ring.has_lse
+
+
+def test_triattention_with_stats_runs_without_a_ring(tmp_path):
+    """Top-k TriAttention with a stats file declares positions but no queries: the server keeps no query ring, and
+    the compactor gives the scorer the window's logical positions from the host lengths (it used to give none, and
+    the scorer raised inside the scheduler)."""
+    from sglang_ams.scorers.triattention_calib import TriAttentionStats, save_stats
+    g = torch.Generator().manual_seed(0)
+    freqs = tiny_rope().inv_freq.numel()
+    q_mean = torch.complex(*torch.randn(2, LAYERS, Q_HEADS, freqs, generator=g))
+    path = str(tmp_path / "stats.pt")
+    save_stats(TriAttentionStats(q_mean, q_mean.abs() + 0.1, 1, "neox"), path)
+    cfg = CFG.replace(policy="topk", scorer="triattention", triattention_stats=path)
+    env = make_env(policy=cfg, scoring_lse="recompute")         # (no ring: the decode LSE is not kept)
+    assert env.rt.ring is None and not cfg.needs_queries
+    batch = make_batch(env, [add_request(env, "r0", list(range(2000, 2050)))])
+    traces = []
+    for _ in range(14):
+        traces += [c.trace for c in env.compactor.step(batch).chunks]
+        batch.prepare_for_decode()
+        forward(env, batch)
+    (trace,) = traces
+    assert trace.inputs.queries is None and trace.inputs.rope is env.rt.rope
+    assert trace.inputs.query_pos.tolist() == [list(range(56 - cfg.window, 56))]      # compacts at its cap, length 56
