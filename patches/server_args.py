@@ -9,7 +9,8 @@ import argparse
 import dataclasses
 from typing import Any, Callable
 
-from sglang_ams.config import EXTERNAL_NAMES, POLICIES, SCORERS, SEGMENTERS, ConfigError, PolicyConfig
+from sglang_ams.config import (EXTERNAL_NAMES, LAYER_BUDGETS, POLICIES, SCORERS, SEGMENTERS, ConfigError,
+                               PolicyConfig)
 from sglang_ams.engine import settings as ams_settings
 from sglang_ams.engine.settings import (ALL_NAMES, ENGINE_NAMES, PROMPT_CACHE_MODES, SCORING_LSE_MODES,
                                         EngineSettings)
@@ -61,6 +62,8 @@ _HELP = {
     "prefill_window": "Fill the query window with the prompt's last queries at prefill (SnapKV's observation "
                       "window): a prompt already past its trigger compacts two decode steps after prefill instead "
                       "of after a window of decode steps; the scoring of that compaction recomputes the LSE.",
+    "layer_budget": "uniform: every layer keeps the budget. adaptive (per-layer budgets split by attention spread) "
+                    "runs in the reference loop only; the engine refuses it (its pool keeps equal counts per layer).",
     "prompt_cache": "private: the prompt stays private to the request and is compressible; cached: it is "
                     "inserted into the radix tree (shared with later requests) and pinned, only generated "
                     "tokens are compressed.",
@@ -77,7 +80,7 @@ _HELP = {
     "batch_slack": "A request this fraction of its interval short of its trigger compacts together with a due "
                    "request (fewer, larger compaction steps); 0 compacts every request exactly at its trigger.",
 }
-_CHOICES = {"policy": POLICIES, "scorer": SCORERS, "segmenter": SEGMENTERS, "prompt_cache": PROMPT_CACHE_MODES,
+_CHOICES = {"policy": POLICIES, "scorer": SCORERS, "segmenter": SEGMENTERS, "layer_budget": LAYER_BUDGETS, "prompt_cache": PROMPT_CACHE_MODES,
             "scoring_lse": SCORING_LSE_MODES}
 
 

@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 POLICIES = ("none", "topk", "ams", "streaming")
 SEGMENTERS = ("equal_mass", "fixed_length")
+LAYER_BUDGETS = ("uniform", "adaptive")   # adaptive: per-layer budgets (reference loop only, layer_budget.py)
 SCORERS = ("tova", "snapkv", "h2o", "streaming", "expected_attention", "keydiff", "rkv",
            "triattention", "random")
 MAX_TOKENS = 1 << 30       # no context is longer; keeps every count far inside int32/int64 arithmetic
@@ -62,6 +63,8 @@ class PolicyConfig:
     # The window may start with the prompt's last W queries (SnapKV's observation window), so a prompt already
     # past the trigger compacts right after prefill; off: only decode queries, a first compaction W steps later.
     prefill_window: bool = False
+    # uniform: every layer keeps `budget`; adaptive: layers x budget split by attention spread (reference loop only)
+    layer_budget: str = "uniform"
 
     def __post_init__(self):
         validate(self)
@@ -73,8 +76,8 @@ class PolicyConfig:
     @property
     def needs_queries(self) -> bool:
         """Whether compaction reads window queries (AMS mass always does)."""
-        if self.policy == "ams":
-            return True
+        if self.policy == "ams" or (self.enabled and self.layer_budget == "adaptive"):
+            return True     # (adaptive splits the budget by attention evidence)
         return self.policy == "topk" and (self.scorer in QUERY_SCORERS or
                                           (self.scorer == "triattention" and not self.triattention_stats))
 
@@ -123,6 +126,7 @@ def validate(cfg: PolicyConfig) -> None:
     _choice(cfg, "policy", POLICIES)
     _choice(cfg, "scorer", SCORERS)
     _choice(cfg, "segmenter", SEGMENTERS)
+    _choice(cfg, "layer_budget", LAYER_BUDGETS)
     for name in ("use_credit", "use_mass", "prefill_window"):
         if not isinstance(getattr(cfg, name), bool):
             raise ConfigError(EXTERNAL_NAMES[name], getattr(cfg, name), "true or false")
@@ -148,6 +152,9 @@ def validate(cfg: PolicyConfig) -> None:
     _int(cfg, "seed", 0, 2**63 - 1)
     if not isinstance(cfg.triattention_stats, str):
         raise ConfigError(EXTERNAL_NAMES["triattention_stats"], cfg.triattention_stats, "a file path or empty")
+    if cfg.layer_budget == "adaptive" and cfg.scorer == "triattention" and cfg.triattention_stats:
+        raise ConfigError(EXTERNAL_NAMES["layer_budget"], cfg.layer_budget,
+                          "uniform with calibrated triattention statistics (per-layer scoring runs layers as a batch)")
 
 
 DEFAULTS = PolicyConfig()
@@ -165,7 +172,7 @@ def from_external(values: Mapping[str, Any], base: PolicyConfig = DEFAULTS) -> P
 
 
 # Per-request override: the short keys users put in a request body ({"kv_policy": {"budget": 512}}).
-REQUEST_KEYS = ("policy", "budget", "interval", "scorer")
+REQUEST_KEYS = ("policy", "budget", "interval", "scorer", "layer_budget")
 
 
 def request_override(base: PolicyConfig, override: Any) -> PolicyConfig:

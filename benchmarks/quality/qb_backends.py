@@ -147,7 +147,9 @@ class ServerBackend:
             return None
         if not cfg.enabled:
             return {"policy": "none"}
-        override = {key: getattr(cfg, key) for key in REQUEST_KEYS}
+        # layer_budget only when not the default, so uniform request bodies stay as they were
+        override = {key: getattr(cfg, key) for key in REQUEST_KEYS
+                    if key != "layer_budget" or cfg.layer_budget != "uniform"}
         resolved = request_override(self.server_cfg, override)
         if resolved != cfg:
             differ = [f for f in dataclasses.fields(cfg) if getattr(resolved, f.name) != getattr(cfg, f.name)]

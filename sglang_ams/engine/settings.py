@@ -13,6 +13,7 @@ import os
 from typing import Any, Mapping
 
 from ..config import EXTERNAL_NAMES, ConfigError, PolicyConfig
+from ..layer_budget import engine_refusal
 
 ENV_VAR = "AMS_KV_CONFIG"
 PROMPT_CACHE_MODES = ("private", "cached")
@@ -84,7 +85,11 @@ def from_user_values(values: Mapping[str, Any]) -> EngineSettings:
             engine[engine_names[key]] = value
         else:
             raise ConfigError(key, value, "not a sglang-ams setting")
-    return EngineSettings(policy=PolicyConfig(**policy), **engine)
+    settings = EngineSettings(policy=PolicyConfig(**policy), **engine)
+    refusal = engine_refusal(settings.policy)
+    if refusal is not None:
+        raise refusal
+    return settings
 
 
 def publish(settings: EngineSettings | None) -> None:
