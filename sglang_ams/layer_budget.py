@@ -81,11 +81,13 @@ def apportion(weights: torch.Tensor, base: torch.Tensor, capacity: torch.Tensor,
 
 
 def layer_budgets(evidence: torch.Tensor, lengths: torch.Tensor, n_pinned: torch.Tensor, keep_lastn: int,
-                  budget: torch.Tensor | int, floor_fraction: float = FLOOR_FRACTION) -> torch.Tensor:
+                  budget: torch.Tensor | int, floor_fraction: float | None = None) -> torch.Tensor:
     """Tokens each layer keeps [N, L] (pinned and recent included) so that a request keeps L x budget in all.
 
     evidence [N, L, H, T] attention evidence (selection's AMS evidence) of every layer's current tokens;
-    lengths [N, L] tokens per layer; n_pinned [N]; budget: the uniform per-layer budget [N] or an int."""
+    lengths [N, L] tokens per layer; n_pinned [N]; budget: the uniform per-layer budget [N] or an int;
+    floor_fraction: default FLOOR_FRACTION (read at call time)."""
+    floor_fraction = FLOOR_FRACTION if floor_fraction is None else floor_fraction
     n, nl, _, t = evidence.shape
     lengths = lengths.long()
     budget = torch.as_tensor(budget, dtype=torch.long, device=lengths.device).expand(n)

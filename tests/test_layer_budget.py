@@ -169,3 +169,18 @@ def test_uniform_field_is_the_default_loop(policy):
     b = generate_reference(model, ids, small_policy(policy, layer_budget="uniform"), 60)
     assert a.token_ids == b.token_ids and a.kv_lengths == b.kv_lengths
     assert all(torch.equal(x.kept, y.kept) for x, y in zip(a.compactions, b.compactions))
+
+
+@pytest.mark.parametrize("policy", ["topk", "ams"])
+def test_adaptive_with_a_full_floor_is_the_uniform_loop(policy, monkeypatch):
+    """A floor of the whole budget leaves nothing to move: the per-layer path (layers as the batch, own lengths,
+    credit transposed) must then keep exactly what the uniform path keeps."""
+    import sglang_ams.layer_budget as lb
+    monkeypatch.setattr(lb, "FLOOR_FRACTION", 1.0)
+    model = _deep_model()
+    ids = prompt(40)
+    a = generate_reference(model, ids, small_policy(policy), 80)
+    b = generate_reference(model, ids, small_policy(policy, layer_budget="adaptive"), 80)
+    assert a.num_compactions >= 3
+    assert a.token_ids == b.token_ids and a.kv_lengths == b.kv_lengths
+    assert all(torch.equal(x.kept, y.kept) for x, y in zip(a.compactions, b.compactions))
