@@ -6,6 +6,7 @@ sampling_params; OpenAI endpoints: the extra body field custom_params)."""
 from __future__ import annotations
 
 from sglang_ams.config import ConfigError, request_override
+from sglang_ams.layer_budget import engine_refusal
 from sglang_ams.engine.request_state import REQUEST_KEY
 from sglang_ams.engine import settings as ams_settings
 
@@ -24,6 +25,9 @@ def verify_hook(result, self, *args, **kwargs):
         cfg = request_override(server.policy, params[REQUEST_KEY])
     except ConfigError as err:
         raise ValueError(f"custom_params.{REQUEST_KEY}: {err}") from None
+    refusal = engine_refusal(cfg)
+    if refusal is not None:
+        raise ValueError(f"custom_params.{REQUEST_KEY}: {refusal}")
     if cfg.needs_queries and not server.policy.needs_queries:
         raise ValueError(f"custom_params.{REQUEST_KEY}: policy {cfg.policy!r} with scorer {cfg.scorer!r} needs "
                          "window queries, but this server was started with a query-free policy (no query ring)")

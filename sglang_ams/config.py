@@ -20,6 +20,7 @@ from .settings_fields import validate as validate_fields
 
 POLICIES = ("none", *SELECTORS)
 SEGMENTERS = ("equal_mass", "fixed_length")
+LAYER_BUDGETS = ("uniform", "adaptive")   # adaptive: per-layer budgets (reference loop only, layer_budget.py)
 MAX_TOKENS = 1 << 30       # no context is longer; keeps every count far inside int32/int64 arithmetic
 MAX_WINDOW = 1024          # window queries per request and layer (the query ring holds W of them per row)
 
@@ -68,6 +69,10 @@ class PolicyConfig:
     prefill_window: bool = setting(False, "ams_prefill_window", "fill the query window with the prompt's last W "
                                    "queries at prefill (SnapKV's observation window): a prompt already past its "
                                    "trigger compacts two decode steps after prefill, not W + 2 (see below)", Flag())
+    layer_budget: str = setting("uniform", "ams_layer_budget", "uniform: every layer keeps the budget; adaptive: "
+                                "layers x budget split by attention spread (layer_budget.py), in the reference loop "
+                                "only: the engine refuses it (its pool keeps equal counts per layer)",
+                                Choice(LAYER_BUDGETS))
 
     # A request decodes at least this many steps before its first compaction: under the overlap scheduler the
     # post-prefill radix-cache call for a request runs one iteration after it joined the decode batch.
@@ -97,7 +102,9 @@ class PolicyConfig:
         """The inputs compaction builds: its scorer's and its selector's (nothing when the policy is off)."""
         if self.selector is None:
             return Inputs()
-        return make_scorer(self, self.scorer_name).needs | self.selector.needs
+        need = make_scorer(self, self.scorer_name).needs | self.selector.needs
+        # adaptive layer budgets split the budget by window attention (layer_budget.py)
+        return need | Inputs(queries=True, attention=True) if self.layer_budget == "adaptive" else need
 
     @property
     def needs_queries(self) -> bool:
@@ -147,6 +154,9 @@ def validate(cfg: PolicyConfig) -> None:
         raise ConfigError("kv_interval", cfg.interval,
                           f"an integer >= {EXTERNAL_NAMES['window']} = {cfg.window} (compaction needs a full window "
                           "of queries newer than the last compaction)")
+    if cfg.layer_budget == "adaptive" and cfg.scorer == "triattention" and cfg.triattention_stats:
+        raise ConfigError(EXTERNAL_NAMES["layer_budget"], cfg.layer_budget,
+                          "uniform with calibrated triattention statistics (per-layer scoring runs layers as a batch)")
 
 
 DEFAULTS = PolicyConfig()
@@ -164,7 +174,7 @@ def from_external(values: Mapping[str, Any], base: PolicyConfig = DEFAULTS) -> P
 
 
 # Per-request override: the short keys users put in a request body ({"kv_policy": {"budget": 512}}).
-REQUEST_KEYS = ("policy", "budget", "interval", "scorer")
+REQUEST_KEYS = ("policy", "budget", "interval", "scorer", "layer_budget")
 
 
 def request_override(base: PolicyConfig, override: Any) -> PolicyConfig:

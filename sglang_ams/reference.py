@@ -34,6 +34,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 
 from .compaction import gather_kept, plan, scorer_for
 from .config import PolicyConfig
+from .layer_budget import plan_layers
 from .rope import RopeSpec, rope_from_hf_model
 from .scorers.base import ScoreInputs
 
@@ -53,7 +54,8 @@ class ReferenceResult:
     token_ids: list[int]       # generated tokens (the eos that stopped generation included, as generate() does)
     text: str | None           # decoded token_ids (skip_special_tokens) when a tokenizer was given
     compactions: list[Compaction]
-    kv_lengths: list[int]      # physical KV length per head after each forward (prefill first)
+    kv_lengths: list[int]      # physical KV length per head after each forward (prefill first; the mean over
+                               # layers under per-layer budgets)
     decode_positions: list[int]  # logical position_ids given to each decode forward
     forced_prefilled: int = 0    # forced tokens prefilled at the end of the prompt (prefill window)
 
@@ -122,6 +124,12 @@ def _recording_attention(module, query, key, value, attention_mask, **kwargs):
     ring = kwargs.pop(_RING_KWARG, None)
     if ring is not None:
         ring.write(module.layer_idx, query)
+    if attention_mask is not None and attention_mask.shape[-1] != key.shape[-2]:
+        # Per-layer budgets: the mask is sized from layer 0's cache. One decode query with no padding sees every
+        # cached key of its own layer, which is what no mask means.
+        if query.shape[2] != 1:
+            raise RuntimeError("layers of different cache lengths can only run one decode token at a time")
+        attention_mask = None
     base = module.config._attn_implementation[len(_RECORDING):]
     return _base_attention(base, module)(module, query, key, value, attention_mask, **kwargs)
 
@@ -165,21 +173,51 @@ class _CompactedCache:
             raise ValueError(f"the reference loop needs full-attention layers only; this model's cache has {odd}")
         self.positions = torch.zeros(num_layers, num_kv_heads, 0, dtype=torch.long, device=model.device)
         self.credit: torch.Tensor | None = None       # [1, L, H, K] from the last compaction
+        # Per-layer budgets: tokens of each layer [L] (positions padded with -1 past them); None: all equal.
+        self.layer_lengths: torch.Tensor | None = None
 
     @property
     def physical_length(self) -> int:
         return self.cache.get_seq_length()
 
+    @property
+    def mean_length(self) -> int:
+        """KV entries per head averaged over layers: the physical length, unless layers differ (then the total
+        is layers x budget + appended tokens, so the mean is still an integer)."""
+        if self.layer_lengths is None:
+            return self.physical_length
+        return int(self.layer_lengths.sum()) // self.layer_lengths.numel()
+
     def appended(self, logical_positions: torch.Tensor) -> None:
         """Record the logical positions of tokens a forward just appended (same for every layer and head)."""
         nl, h, _ = self.positions.shape
         new = logical_positions.view(1, 1, -1).expand(nl, h, -1)
-        self.positions = torch.cat([self.positions, new], dim=-1)
+        if self.layer_lengths is None:
+            self.positions = torch.cat([self.positions, new], dim=-1)
+            return
+        k = new.shape[-1]
+        grown = torch.nn.functional.pad(self.positions, (0, k), value=-1)
+        at = (self.layer_lengths.view(nl, 1, 1) + torch.arange(k, device=grown.device)).expand(nl, h, k)
+        self.positions = grown.scatter(-1, at, new)
+        self.layer_lengths = self.layer_lengths + k
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.layer_lengths is not None:          # layers of different lengths: zero-padded to the longest
+            t = max(layer.keys.shape[-2] for layer in self.cache.layers)
+            pad = [(0, 0, 0, t - layer.keys.shape[-2]) for layer in self.cache.layers]
+            keys = torch.stack([torch.nn.functional.pad(layer.keys, p)
+                                for layer, p in zip(self.cache.layers, pad)], dim=1)
+            values = torch.stack([torch.nn.functional.pad(layer.values, p)
+                                  for layer, p in zip(self.cache.layers, pad)], dim=1)
+            return keys, values
         keys = torch.stack([layer.keys for layer in self.cache.layers], dim=1)      # [1, L, H, T, d]
         values = torch.stack([layer.values for layer in self.cache.layers], dim=1)
         return keys, values
+
+    def lengths_per_layer(self) -> torch.Tensor:
+        if self.layer_lengths is not None:
+            return self.layer_lengths
+        return torch.full((self.positions.shape[0],), self.physical_length, dtype=torch.long, device=self.device)
 
     def credit_for(self, length: int) -> torch.Tensor | None:
         """Carried credit aligned with the current slots: new tokens start at 0."""
@@ -195,6 +233,17 @@ class _CompactedCache:
             layer.keys = kept_k[:, layer_idx].contiguous()
             layer.values = kept_v[:, layer_idx].contiguous()
         self.positions = self.positions.gather(-1, indices[0])
+        self.credit = credit
+
+    def keep_layers(self, indices: torch.Tensor, budgets: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                    credit: torch.Tensor | None) -> None:
+        """keep() with budgets [L] tokens per layer: indices [1, L, H, K] ascending, -1 past a layer's budget."""
+        kept_k, kept_v = gather_kept(keys, indices), gather_kept(values, indices)
+        for layer_idx, (layer, b) in enumerate(zip(self.cache.layers, budgets.tolist())):
+            layer.keys = kept_k[:, layer_idx, :, :b].contiguous()
+            layer.values = kept_v[:, layer_idx, :, :b].contiguous()
+        self.positions = self.positions.gather(-1, indices[0].clamp(min=0)).masked_fill(indices[0] < 0, -1)
+        self.layer_lengths = budgets.to(self.device)
         self.credit = credit
 
 
@@ -246,11 +295,13 @@ class _Compactor:
         self.n_keep = torch.tensor([cfg.kept_len(0)], device=self.device)
 
     def due(self, kv: _CompactedCache, ring: _QueryRing | None, steps_since: int) -> bool:
-        if kv.physical_length < self.cfg.trigger_len(0):
+        if kv.mean_length < self.cfg.trigger_len(0):
             return False
         return ring is None or steps_since >= ring.window
 
     def run(self, kv: _CompactedCache, ring: _QueryRing | None, logical_length: int) -> torch.Tensor:
+        if self.cfg.layer_budget == "adaptive":
+            return self.run_layers(kv, ring, logical_length)
         keys, values = kv.stacked()           # (both always: the kept ones are gathered from them)
         length, w, need = keys.shape[3], self.cfg.window, self.cfg.inputs
         positions = torch.arange(logical_length - w, logical_length, device=self.device)[None]
@@ -265,6 +316,23 @@ class _Compactor:
         indices = selection.indices[..., :k]
         credit = None if selection.credit is None else selection.credit[..., :k]
         kv.keep(indices, keys, values, credit)
+        return kv.positions.cpu()
+
+    def run_layers(self, kv: _CompactedCache, ring: _QueryRing, logical_length: int) -> torch.Tensor:
+        """Per-layer budgets (layer_budget.py): layer l is request l of the batch, with its own length."""
+        keys, values = kv.stacked()
+        nl, length, w = keys.shape[1], keys.shape[3], self.cfg.window
+        inputs = ScoreInputs(
+            keys=keys.transpose(0, 1).contiguous(), values=values.transpose(0, 1).contiguous(),
+            lengths=kv.lengths_per_layer(), queries=ring.ordered()[:, None].contiguous(),
+            query_pos=torch.arange(logical_length - w, logical_length, device=self.device)[None].expand(nl, w),
+            rope=self.rope, scale=self.scale)
+        credit = kv.credit_for(length)
+        selection, budgets = plan_layers(self.cfg, self.scorer, inputs, self.n_pinned,
+                                         None if credit is None else credit.transpose(0, 1).contiguous())
+        indices = selection.indices.transpose(0, 1)                       # [1, L, H, K]
+        carried = None if selection.credit is None else selection.credit.transpose(0, 1).contiguous()
+        kv.keep_layers(indices, budgets, keys, values, carried)
         return kv.positions.cpu()
 
 
@@ -371,7 +439,7 @@ def generate_reference(model, input_ids: Sequence[int] | torch.Tensor, cfg: Poli
             predicted = prefill.restore(kv, ring if prefill_window else None, prompt)
         if ring is not None:
             ring.prefill = False
-        kv_lengths = [kv.physical_length]
+        kv_lengths = [kv.mean_length]
         while True:
             if forced:
                 token = forced.pop(0)
@@ -381,14 +449,14 @@ def generate_reference(model, input_ids: Sequence[int] | torch.Tensor, cfg: Poli
                 if len(generated) >= max_new_tokens or token in eos:
                     break
             if compactor is not None and compactor.due(kv, ring, steps_since):
-                before = kv.physical_length
+                before = kv.mean_length
                 kept = compactor.run(kv, ring, logical)
                 compactions.append(Compaction(len(decode_positions), logical, before, kept))
                 steps_since = 0
             decode_positions.append(logical)
             predicted = _forward(model, kv, torch.tensor([[token]], device=device),
                                  torch.tensor([logical], device=device), ring)
-            kv_lengths.append(kv.physical_length)
+            kv_lengths.append(kv.mean_length)
             if ring is not None:
                 ring.advance()
             logical += 1

@@ -32,7 +32,7 @@ from typing import Callable
 import sglang_ams.reference as reference
 from sglang_ams import demo
 from sglang_ams.config import EXTERNAL_NAMES, REQUEST_KEYS, PolicyConfig, request_override
-from sglang_ams.reference import generate_reference
+from sglang_ams.reference import generate_reference, prefill_reference
 
 import qb_harness as H
 
@@ -86,14 +86,27 @@ class ReferenceBackend:
             model, tokenizer = demo.load_model(model_name, progress=False)
         self.model_name, self.model, self.tokenizer = model_name, model, tokenizer
         self.stops = demo.stop_token_ids(model, tokenizer)
+        self._prefill = None        # (key, Prefill) of the last prefill-window prompt: the policies of one example share it
+
+    def _shared_prefill(self, example, cfg: PolicyConfig):
+        """The prefill a prefill-window policy runs (prompt + forced answer start), made once per example and
+        window (generate_reference gives the same result with it; tests/test_reference.py checks)."""
+        if not (cfg.enabled and cfg.needs_queries and cfg.prefill_window):
+            return None
+        ids = list(example.prompt_ids) + list(example.forced_ids)
+        key = (tuple(ids), cfg.window)
+        if self._prefill is None or self._prefill[0] != key:
+            self._prefill = (key, prefill_reference(self.model, ids, window=cfg.window))
+        return self._prefill[1]
 
     def generate(self, example, cfg: PolicyConfig) -> dict:
         segments: list = []
         start = time.perf_counter()
+        prefill = self._shared_prefill(example, cfg)
         with recording_segments(segments):
             result = generate_reference(self.model, example.prompt_ids, cfg, example.max_new_tokens,
                                         tokenizer=self.tokenizer, eos_token_ids=self.stops,
-                                        forced_tokens=example.forced_ids)
+                                        forced_tokens=example.forced_ids, prefill=prefill)
         out = {"text": result.text or "", "n_generated": len(result.token_ids),
                "compactions": result.num_compactions, "peak_kv": result.peak_kv_length,
                "final_kv": result.final_kv_length, "seconds": round(time.perf_counter() - start, 3)}
@@ -147,7 +160,9 @@ class ServerBackend:
             return None
         if not cfg.enabled:
             return {"policy": "none"}
-        override = {key: getattr(cfg, key) for key in REQUEST_KEYS}
+        # layer_budget only when not the default, so uniform request bodies stay as they were
+        override = {key: getattr(cfg, key) for key in REQUEST_KEYS
+                    if key != "layer_budget" or cfg.layer_budget != "uniform"}
         resolved = request_override(self.server_cfg, override)
         if resolved != cfg:
             differ = [f for f in dataclasses.fields(cfg) if getattr(resolved, f.name) != getattr(cfg, f.name)]

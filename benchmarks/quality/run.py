@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ablations", action="store_true",
                     help="add AMS with fixed-length segments / no credit / no mass at --ablation-budget")
     ap.add_argument("--ablation-budget", type=float, default=None, help="default: the first of --budgets")
+    ap.add_argument("--layer-budgets", type=_csv, default=["uniform"],
+                    help="uniform,adaptive: every top-k/AMS policy with each (reference backend; same total KV)")
     ap.add_argument("--set", dest="settings", action="append", default=[],
                     help="PolicyConfig field for every policy, e.g. --set keep_lastn=32 (changes the hash)")
     ap.add_argument("--needle-lengths", type=lambda s: [int(x) for x in _csv(s)], default=[1000, 2000])
@@ -111,6 +113,11 @@ def specs_from_args(a) -> list[H.PolicySpec]:
     extra = _settings(a.settings)
     if extra:
         specs = [H.PolicySpec(s.policy, s.scorer, s.budget, s.overrides + extra) for s in specs]
+    if "adaptive" in a.layer_budgets:      # each compressing policy also with per-layer budgets, same total KV
+        adaptive = [H.PolicySpec(s.policy, s.scorer, s.budget, s.overrides + (("layer_budget", "adaptive"),))
+                    for s in specs if s.policy in H.COMPRESSING]
+        specs = (specs if "uniform" in a.layer_budgets else [s for s in specs if s.policy not in H.COMPRESSING]) \
+            + adaptive
     return specs
 
 

@@ -12,6 +12,7 @@ import os
 from typing import Any, Mapping
 
 from ..config import EXTERNAL_NAMES, ConfigError, PolicyConfig
+from ..layer_budget import engine_refusal
 from ..settings_fields import Choice, Flag, Int, Number, flag_table, setting, specs
 from ..settings_fields import validate as validate_fields
 
@@ -89,7 +90,11 @@ def from_user_values(values: Mapping[str, Any]) -> EngineSettings:
             engine[engine_names[key]] = value
         else:
             raise ConfigError(key, value, "not a sglang-ams setting")
-    return EngineSettings(policy=PolicyConfig(**policy), **engine)
+    settings = EngineSettings(policy=PolicyConfig(**policy), **engine)
+    refusal = engine_refusal(settings.policy)
+    if refusal is not None:
+        raise refusal
+    return settings
 
 
 class _ProcessSettings:
