@@ -22,19 +22,16 @@ Batch 1: one prompt per call.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import sys
 from typing import Iterable, Sequence
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from .compaction import gather_kept, plan, scorer_for
 from .config import PolicyConfig
 from .layer_budget import plan_layers
+from .reference_queries import RING_KWARG, QueryRing, recording_queries
 from .rope import RopeSpec, rope_from_hf_model
 from .scorers.base import ScoreInputs
 
@@ -75,87 +72,6 @@ class ReferenceResult:
     def final_kv_length(self) -> int:
         # Compaction only runs right before a forward, so the last forward's length is the final one.
         return self.kv_lengths[-1]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Query capture
-
-_RECORDING = "sglang_ams_recording_"      # + the model's own implementation (sdpa, eager, ...)
-_RING_KWARG = "sglang_ams_query_ring"
-
-
-class _QueryRing:
-    """The last W queries of every layer: [L, Hq, W, d], slot = step mod W. Steps count decode steps, or, with a
-    prefill window, positions (the prompt's last W queries fill the ring first)."""
-
-    def __init__(self, num_layers: int, num_q_heads: int, window: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu"):
-        self.buf = torch.zeros(num_layers, num_q_heads, window, head_dim, dtype=dtype, device=device)
-        self.window = window
-        self.steps = 0             # decode steps recorded in total (prefill window: the next position)
-        self.prefill = False       # the forward running is the prompt's
-
-    def write(self, layer: int, query: torch.Tensor) -> None:
-        # query [1, Hq, T, d] post-RoPE, as the attention function receives it: one decode token, or the prompt
-        # (positions steps - T .. steps - 1) of which the last W are kept.
-        if not self.prefill:
-            self.buf[layer, :, self.steps % self.window] = query[0, :, -1]
-            return
-        m = min(self.window, query.shape[2])
-        slots = (self.steps - m + torch.arange(m, device=self.buf.device)) % self.window
-        self.buf[layer, :, slots] = query[0, :, -m:]
-
-    def advance(self) -> None:
-        self.steps += 1
-
-    def ordered(self) -> torch.Tensor:
-        """[L, Hq, W, d], oldest first and newest last (the ScoreInputs order)."""
-        return torch.roll(self.buf, shifts=-(self.steps % self.window), dims=2)
-
-
-def _base_attention(base: str, module):
-    if base in ALL_ATTENTION_FUNCTIONS:
-        return ALL_ATTENTION_FUNCTIONS[base]
-    # "eager" is not in the registry: each model file defines its own eager_attention_forward.
-    return sys.modules[type(module).__module__].eager_attention_forward
-
-
-def _recording_attention(module, query, key, value, attention_mask, **kwargs):
-    ring = kwargs.pop(_RING_KWARG, None)
-    if ring is not None:
-        ring.write(module.layer_idx, query)
-    if attention_mask is not None and attention_mask.shape[-1] != key.shape[-2]:
-        # Per-layer budgets: the mask is sized from layer 0's cache. One decode query with no padding sees every
-        # cached key of its own layer, which is what no mask means.
-        if query.shape[2] != 1:
-            raise RuntimeError("layers of different cache lengths can only run one decode token at a time")
-        attention_mask = None
-    base = module.config._attn_implementation[len(_RECORDING):]
-    return _base_attention(base, module)(module, query, key, value, attention_mask, **kwargs)
-
-
-def _register_recording(base: str) -> str:
-    name = _RECORDING + base
-    if name not in ALL_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(name, _recording_attention)
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
-    return name
-
-
-@contextlib.contextmanager
-def _recording_queries(model):
-    config = model.config
-    original = config._attn_implementation
-    base = original or "eager"
-    if base.startswith(_RECORDING):
-        raise RuntimeError("a reference loop is already running on this model object")
-    if base not in ("sdpa", "eager"):
-        raise ValueError(f"the reference loop supports sdpa and eager attention, not {base!r}")
-    config._attn_implementation = _register_recording(base)
-    try:
-        yield
-    finally:
-        config._attn_implementation = original
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -294,12 +210,12 @@ class _Compactor:
         self.n_pinned = torch.tensor([cfg.pinned_len(0)], device=self.device)     # no radix-shared prefix here
         self.n_keep = torch.tensor([cfg.kept_len(0)], device=self.device)
 
-    def due(self, kv: _CompactedCache, ring: _QueryRing | None, steps_since: int) -> bool:
+    def due(self, kv: _CompactedCache, ring: QueryRing | None, steps_since: int) -> bool:
         if kv.mean_length < self.cfg.trigger_len(0):
             return False
         return ring is None or steps_since >= ring.window
 
-    def run(self, kv: _CompactedCache, ring: _QueryRing | None, logical_length: int) -> torch.Tensor:
+    def run(self, kv: _CompactedCache, ring: QueryRing | None, logical_length: int) -> torch.Tensor:
         if self.cfg.layer_budget == "adaptive":
             return self.run_layers(kv, ring, logical_length)
         keys, values = kv.stacked()           # (both always: the kept ones are gathered from them)
@@ -318,7 +234,7 @@ class _Compactor:
         kv.keep(indices, keys, values, credit)
         return kv.positions.cpu()
 
-    def run_layers(self, kv: _CompactedCache, ring: _QueryRing, logical_length: int) -> torch.Tensor:
+    def run_layers(self, kv: _CompactedCache, ring: QueryRing, logical_length: int) -> torch.Tensor:
         """Per-layer budgets (layer_budget.py): layer l is request l of the batch, with its own length."""
         keys, values = kv.stacked()
         nl, length, w = keys.shape[1], keys.shape[3], self.cfg.window
@@ -344,10 +260,10 @@ class Prefill:
     input_ids: torch.Tensor               # [1, T]
     keys: list[torch.Tensor]              # per layer [1, H, T, d]
     values: list[torch.Tensor]
-    queries: torch.Tensor                 # [L, Hq, W, d]: _QueryRing.buf after a prefill-window prefill
+    queries: torch.Tensor                 # [L, Hq, W, d]: QueryRing.buf after a prefill-window prefill
     predicted: int
 
-    def restore(self, kv: _CompactedCache, ring: _QueryRing | None, prompt: torch.Tensor) -> int:
+    def restore(self, kv: _CompactedCache, ring: QueryRing | None, prompt: torch.Tensor) -> int:
         """Put the prefill into a fresh cache (and ring); return the predicted token, as _forward would."""
         if not torch.equal(prompt.cpu(), self.input_ids.cpu()):
             raise ValueError("this Prefill was made from other tokens than the prompt (+ prefilled answer start)")
@@ -369,16 +285,16 @@ def prefill_reference(model, input_ids: Sequence[int] | torch.Tensor, window: in
     prompt = _prompt_tensor(input_ids).to(model.device)
     num_layers, num_q_heads, num_kv_heads, head_dim = _model_shape(model)
     kv = _CompactedCache(model, num_layers, num_kv_heads)
-    ring = _QueryRing(num_layers, num_q_heads, window, head_dim, model.dtype, model.device)
+    ring = QueryRing(num_layers, num_q_heads, window, head_dim, model.dtype, model.device)
     ring.steps, ring.prefill = prompt.shape[1], True
-    with _recording_queries(model):
+    with recording_queries(model):
         predicted = _forward(model, kv, prompt, torch.arange(prompt.shape[1], device=model.device), ring)
     return Prefill(prompt, [layer.keys for layer in kv.cache.layers], [layer.values for layer in kv.cache.layers],
                    ring.buf, predicted)
 
 
 def _forward(model, kv: _CompactedCache, tokens: torch.Tensor, positions: torch.Tensor, ring):
-    extra = {} if ring is None else {_RING_KWARG: ring}
+    extra = {} if ring is None else {RING_KWARG: ring}
     mask = torch.ones(1, kv.physical_length + tokens.shape[1], dtype=torch.long, device=kv.device)
     out = model(input_ids=tokens, position_ids=positions[None], attention_mask=mask,
                 past_key_values=kv.cache, use_cache=True, logits_to_keep=1, **extra)
@@ -411,7 +327,7 @@ def generate_reference(model, input_ids: Sequence[int] | torch.Tensor, cfg: Poli
     num_layers, num_q_heads, num_kv_heads, head_dim = _model_shape(model)
     kv = _CompactedCache(model, num_layers, num_kv_heads)
     compactor = _Compactor(model, cfg) if cfg.enabled else None
-    ring = _QueryRing(num_layers, num_q_heads, cfg.window, head_dim, model.dtype, device) \
+    ring = QueryRing(num_layers, num_q_heads, cfg.window, head_dim, model.dtype, device) \
         if compactor is not None and cfg.needs_queries else None
 
     generated: list[int] = []
@@ -431,7 +347,7 @@ def generate_reference(model, input_ids: Sequence[int] | torch.Tensor, cfg: Poli
         steps_since = cfg.window - decode_steps_needed
         ring.steps, ring.prefill = logical, True
 
-    with _recording_queries(model):
+    with recording_queries(model):
         if prefill is None:
             predicted = _forward(model, kv, prompt, torch.arange(logical, device=device),
                                  ring if prefill_window else None)

@@ -13,7 +13,7 @@ from sglang_ams.layer_budget import apportion, engine_refusal, layer_budgets, mi
 from sglang_ams.reference import generate_reference
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))      # the tests folder (importlib mode keeps it off)
-from test_reference import masked_replay, prompt, small_policy, tiny_model
+from reference_oracle import masked_replay, prompt, small_policy, tiny_model  # noqa: E402
 
 
 def _evidence(n, nl, h, t, seed=0, temperature=None):

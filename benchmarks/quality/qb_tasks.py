@@ -31,7 +31,7 @@ import string
 from pathlib import Path
 from typing import Any, Callable
 
-from sglang_ams import demo
+from sglang_ams import demo, demo_tasks
 
 TASKS = ("gsm8k_cot", "gsm8k_8shot", "math500", "kv_retrieval", "needle", "nq_open", "triviaqa")
 
@@ -269,7 +269,7 @@ def load_examples(task: str, tokenizer, data_dir: Path, limit: int | None, opts:
     out: list[Example] = []
     if task == "gsm8k_cot":
         for i, row in enumerate(_rows(_need(data_dir / "gsm8k" / "test.jsonl"), limit)):
-            gold = demo._gsm8k_solution(row["answer"])[1]
+            gold = demo_tasks._gsm8k_solution(row["answer"])[1]
             out.append(example(i, _encode(tokenizer, [("user", f"{row['question']}\n{GSM8K_COT_INSTRUCTION}")]),
                                gold))
     elif task == "gsm8k_8shot":
