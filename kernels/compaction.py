@@ -176,7 +176,12 @@ def tail_to_free(req_to_token: torch.Tensor, rows: Sequence[int], keeps: Sequenc
     after it (the paged allocator's layout): SGLang's `free_segment(slots, start_pos=0)` then reads one slot per
     page, with no `torch.unique` (a device sync). Lengths are host integers: one index build on the host and one
     gather on the device for all requests, no host sync."""
-    start, pages = tail_pages(keeps, lengths, page_size)
+    return tail_slots(req_to_token, rows, *tail_pages(keeps, lengths, page_size), page_size)
+
+
+def tail_slots(req_to_token: torch.Tensor, rows: Sequence[int], start: torch.Tensor, pages: torch.Tensor,
+               page_size: int = 1) -> torch.Tensor:
+    """tail_to_free from tail_pages' (start, pages)."""
     owner = torch.repeat_interleave(torch.arange(len(pages)), pages)
     index_in_tail = torch.arange(len(owner)) - (pages.cumsum(0) - pages)[owner]
     first_pos = start[owner] + index_in_tail * page_size            # row position of each freed page's first token
@@ -186,4 +191,5 @@ def tail_to_free(req_to_token: torch.Tensor, rows: Sequence[int], keeps: Sequenc
     return (first_slot[:, None] + torch.arange(page_size, device=device)).reshape(-1)
 
 
-__all__ = ["compact_kv", "tail_pages", "tail_to_free", "compaction_bytes", "check_keep", "compaction_config"]
+__all__ = ["compact_kv", "tail_pages", "tail_slots", "tail_to_free", "compaction_bytes", "check_keep",
+           "compaction_config"]

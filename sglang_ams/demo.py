@@ -37,7 +37,7 @@ from .config import PolicyConfig
 from .data import find_data_dir
 # (the tasks are part of the demo's interface: the quality harness and the tests use them from here)
 from .demo_tasks import (  # noqa: F401
-    NEEDLE_ANSWER_PREFIX, NEEDLE_PROMPTS, NEEDLE_QUESTION, NEEDLE_TOKENS, Task, _last_number, _render, gsm8k_task,
+    NEEDLE_ANSWER_PREFIX, NEEDLE_PROMPTS, NEEDLE_QUESTION, NEEDLE_TOKENS, Task, _last_number, gsm8k_task,
     needle_prompts, needle_task)
 from .reference import ReferenceResult, generate_reference, prefill_reference
 

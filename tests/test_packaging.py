@@ -50,7 +50,7 @@ def test_repo_root_first_on_sys_path_imports_sglangs_kernels():
     out = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     theirs, scoring, patches = (Path(line).resolve() for line in out.stdout.split())
-    assert ROOT / "kernels" not in theirs.parents, f"`import kernels` found the repository's folder: {theirs}"
+    assert theirs.name == "__init__.py" and ROOT / "kernels" not in theirs.parents, f"`import kernels` found the repository's folder: {theirs}"
     assert scoring == ROOT / "kernels" / "scoring.py" and patches == ROOT / "patches" / "__init__.py"
 
 

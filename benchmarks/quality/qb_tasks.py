@@ -2,7 +2,7 @@
 answer extraction and scoring.
 
 Every task turns a data row into an `Example`: prompt token ids (the chat template of the model's tokenizer via
-sglang_ams.demo._render), teacher-forced answer start (retrieval tasks only, see below), gold answer, the number of
+sglang_ams.demo_tasks._render), teacher-forced answer start (retrieval tasks only, see below), gold answer, the number of
 new tokens, and the length the budget fractions refer to (`basis`):
 
   task          data (under ../shared/data or $SGLANG_AMS_DATA)        basis        answer
@@ -73,7 +73,7 @@ _GSM8K_ANSWER = re.compile(r"answer is\s*\$?(-?[\d,]+(?:\.\d+)?)")
 def gsm8k_extract(text: str) -> str | None:
     """The number after 'answer is', else the last number of the text (what demo.gsm8k_task's check reads)."""
     found = _GSM8K_ANSWER.search(text)
-    value = found.group(1).replace(",", "") if found else demo._last_number(text)
+    value = found.group(1).replace(",", "") if found else demo_tasks._last_number(text)
     return value.rstrip(".") if value else None
 
 
@@ -216,7 +216,7 @@ def _need(path: Path) -> Path:
 
 
 def _encode(tokenizer, turns: list[tuple[str, str]]) -> list[int]:
-    return list(tokenizer(demo._render(tokenizer, turns), add_special_tokens=False)["input_ids"])
+    return list(tokenizer(demo_tasks._render(tokenizer, turns), add_special_tokens=False)["input_ids"])
 
 
 GSM8K_COT_INSTRUCTION = ("Solve the problem step by step, one step per line. "

@@ -21,7 +21,7 @@ import torch
 
 from ..compaction import plan, scorer_for
 from ..config import PolicyConfig
-from ..kernels.compaction import compact_kv, tail_pages, tail_to_free
+from ..kernels.compaction import compact_kv, tail_pages, tail_slots
 from ..kernels.gather import gather_dense
 from ..kernels.scoring import window_attention_pool
 from ..scorers.base import Inputs, ScoreInputs
@@ -361,6 +361,7 @@ def free_tails(allocator, req_to_token: torch.Tensor, rows: list, keeps: list, l
     """Give SGLang's allocator what lies past each request's kept tokens: slots (page size 1) or the whole pages
     past the last partly kept one. One call for all requests; returns the slots freed per request."""
     ps = allocator.page_size
+    start, pages = tail_pages(keeps, lengths, ps)
     # Whole pages, page-aligned: free_segment takes one slot per page (no torch.unique, so no device sync).
-    allocator.free_segment(tail_to_free(req_to_token, rows, keeps, lengths, ps), start_pos=0)
-    return (tail_pages(keeps, lengths, ps)[1] * ps).tolist()
+    allocator.free_segment(tail_slots(req_to_token, rows, start, pages, ps), start_pos=0)
+    return (pages * ps).tolist()
