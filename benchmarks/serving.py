@@ -299,7 +299,11 @@ def execute(args, r: dict, env: dict, tag: str) -> dict:
         with (run_dir / "server.log").open(errors="replace") as f:
             f.seek(offset)
             entry["peak_running_log"] = rep.peak_running(f.read())
-        entry["peak_running_poll"] = rep.peak_polled(read_csv(run_dir / "running.csv"))
+        polled = read_csv(run_dir / "running.csv")
+        entry["peak_running_poll"] = rep.peak_polled(polled)
+        entry["engine_span_s"] = rep.engine_span(polled, args.poll_interval)
+        if entry["engine_span_s"] and entry.get("total_output_tokens"):
+            entry["engine_output_throughput"] = round(entry["total_output_tokens"] / entry["engine_span_s"], 1)
         peaks = [p for p in (entry["peak_running_log"], entry["peak_running_poll"]) if p is not None]
         entry["peak_running"] = max(peaks) if peaks else None       # both sample the truth: the larger is closer
         if entry["error"] is None and entry["completed"] is None:
@@ -350,7 +354,8 @@ def read_csv(path: Path) -> list[dict]:
 
 
 # --- main -----------------------------------------------------------------------------------------------------
-SUMMARY_COLUMNS = ("workload", "config", "repeats", "output_throughput", "throughput_vs_production", "p99_itl_ms",
+SUMMARY_COLUMNS = ("workload", "config", "repeats", "output_throughput", "throughput_vs_production",
+                   "engine_output_throughput", "engine_vs_production", "p99_itl_ms",
                    "p99_itl_vs_production", "mean_ttft_ms", "median_tpot_ms", "peak_running", "compactions",
                    "completed", "requests")
 

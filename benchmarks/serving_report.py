@@ -64,6 +64,16 @@ def peak_polled(rows) -> int | None:
     return int(max(values)) if values else None
 
 
+def engine_span(rows, every: float = 1.0) -> float | None:
+    """Seconds the engine had requests (running or queued), from the 1 s poll: first to last busy sample plus one
+    interval. bench_serving's duration also counts output still streaming after the engine finished, so this
+    separates the engine's speed from the HTTP/detokenizer path's."""
+    busy = [_number(r.get("t")) for r in rows
+            if (_number(r.get("running")) or 0) + (_number(r.get("queued")) or 0) > 0]
+    busy = [t for t in busy if t is not None]
+    return round(busy[-1] - busy[0] + every, 1) if busy else None
+
+
 def ams_counters(server_info: dict | None) -> dict | None:
     """Sum over schedulers of the plugin's counters; {} when the server runs without the plugin's counters
     (production), None when there is no server info at all."""
@@ -119,8 +129,8 @@ def aggregate(entries: list[dict]) -> list[dict]:
     rows = []
     for (workload, config), group in groups.items():
         row = {"workload": workload, "config": config, "repeats": len(group)}
-        for k in ("output_throughput", "median_tpot_ms", "p99_itl_ms", "mean_ttft_ms", "peak_running",
-                  "compactions"):
+        for k in ("output_throughput", "engine_output_throughput", "median_tpot_ms", "p99_itl_ms", "mean_ttft_ms",
+                  "peak_running", "compactions"):
             vals = [_number(e.get(k)) for e in group]
             vals = [v for v in vals if v is not None]
             row[k] = sum(vals) / len(vals) if vals else None
@@ -131,6 +141,7 @@ def aggregate(entries: list[dict]) -> list[dict]:
     for r in rows:
         base = ref.get(r["workload"])
         r["throughput_vs_production"] = _ratio(r["output_throughput"], base and base["output_throughput"])
+        r["engine_vs_production"] = _ratio(r["engine_output_throughput"], base and base["engine_output_throughput"])
         r["p99_itl_vs_production"] = _ratio(r["p99_itl_ms"], base and base["p99_itl_ms"])
         r["ttft_vs_production"] = _ratio(r["mean_ttft_ms"], base and base["mean_ttft_ms"])
     return rows
@@ -152,9 +163,11 @@ def load_summary(folder) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-ENTRY_COLUMNS = ("workload", "config", "repeat", "output_throughput", "median_tpot_ms", "p99_itl_ms",
-                 "mean_ttft_ms", "peak_running", "completed", "num_prompts", "compactions", "duration_s", "error")
-AGG_COLUMNS = ("workload", "config", "repeats", "output_throughput", "throughput_vs_production", "p99_itl_ms",
+ENTRY_COLUMNS = ("workload", "config", "repeat", "output_throughput", "engine_output_throughput", "median_tpot_ms",
+                 "p99_itl_ms", "mean_ttft_ms", "peak_running", "completed", "num_prompts", "compactions", "duration_s",
+                 "engine_span_s", "error")
+AGG_COLUMNS = ("workload", "config", "repeats", "output_throughput", "throughput_vs_production",
+               "engine_output_throughput", "engine_vs_production", "p99_itl_ms",
                "p99_itl_vs_production", "mean_ttft_ms", "ttft_vs_production", "median_tpot_ms", "peak_running",
                "completed", "requests")
 
@@ -163,7 +176,10 @@ def markdown(entries: list[dict], meta: dict) -> str:
     short = [e for e in entries if (_number(e.get("duration_s")) or 0) and e["duration_s"] < 60]
     lines = [f"# Serving benchmark ({meta.get('device', '?')}, {meta.get('date', '?')}, commit {meta.get('commit')})",
              "", "Client: `python -m sglang.bench_serving --backend sglang`; one server at a time. Output tok/s,"
-             " ms. Ratios are against `production` (SGLang without the plugin), means over repeats.", "",
+             " ms. Ratios are against `production` (SGLang without the plugin), means over repeats.",
+             " `engine_output_throughput`: output tokens over the seconds the engine had requests (1 s poll of"
+             " /metrics); below it, bench_serving's number includes output still streaming after the engine"
+             " finished.", "",
              "## Means over repeats", "", md_table(aggregate(entries), AGG_COLUMNS), "",
              "## Every run", "", md_table(entries, ENTRY_COLUMNS), ""]
     if short:

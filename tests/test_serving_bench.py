@@ -106,6 +106,15 @@ def test_peak_running_from_the_log():
     assert rep.peak_polled([{"running": None}]) is None
 
 
+def test_engine_span_counts_busy_polls_only():
+    rows = [{"t": "100.0", "running": "0", "queued": "0"}, {"t": "101.0", "running": "0", "queued": "5"},
+            {"t": "102.0", "running": "160", "queued": "0"}, {"t": "150.5", "running": "3", "queued": ""},
+            {"t": "151.5", "running": "0", "queued": "0"}, {"t": "300.0", "running": "0", "queued": "0"}]
+    assert rep.engine_span(rows) == 50.5
+    assert rep.engine_span([{"t": "1", "running": "0", "queued": "0"}]) is None
+    assert rep.engine_span([]) is None
+
+
 def test_counters_from_server_info():
     info = {"internal_states": [{"sglang_ams": {"compactions": 10, "launches": 3, "tokens_freed": 500,
                                                 "host_seconds": 0.25, "policy": "ams"}},
@@ -153,8 +162,8 @@ def test_merge_and_aggregate():
 
 
 def test_write_summary(tmp_path):
-    entries = [entry("shared_prefix", "production", 1, 1000.0, 10.0),
-               entry("shared_prefix", "ams", 1, 800.0, 25.0, duration_s=30.0),
+    entries = [entry("shared_prefix", "production", 1, 1000.0, 10.0, engine_output_throughput=1000.0),
+               entry("shared_prefix", "ams", 1, 800.0, 25.0, duration_s=30.0, engine_output_throughput=1500.0),
                entry("long_prompts", "production", 1, 300.0, 50.0),
                entry("long_prompts", "ams", 1, None, None, completed=None, error="server exited: | OOM")]
     meta = {"device": "NVIDIA H200", "date": "2026-12-01T20:00:00+00:00", "commit": "abc1234",
@@ -168,7 +177,7 @@ def test_write_summary(tmp_path):
     agg = {(r["workload"], r["config"]): r for r in data["aggregate"]}
     assert agg[("shared_prefix", "ams")]["throughput_vs_production"] == pytest.approx(0.8)
     md = (tmp_path / "summary.md").read_text()
-    assert "NVIDIA H200" in md and "| shared_prefix | ams | 1 | 800 | 0.8 | 25 | 2.5 |" in md
+    assert "NVIDIA H200" in md and "| shared_prefix | ams | 1 | 800 | 0.8 | 1500 | 1.5 | 25 | 2.5 |" in md
     assert "server exited: / OOM" in md                 # a | inside a cell would break the table
     assert "shorter than 60 s" in md and "shared_prefix/ams/1" in md and "long_prompts/production" not in md
     if importlib.util.find_spec("matplotlib"):
