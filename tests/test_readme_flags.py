@@ -48,7 +48,7 @@ def test_the_table_names_the_range_that_validation_enforces():
     """Each declared range is what validation says when the value is refused (one message, two readers)."""
     bad = {"kv_policy": "fast", "kv_interval": 0, "ams_delta": 0.0, "ams_sink": -1, "ams_use_mass": "yes",
            "ams_triattention_stats": 3, "ams_prompt_cache": "shared", "ams_ring_rows": -1, "ams_batch_slack": 1.0,
-           "ams_workspace_mib": -1, "ams_warmup": 1}
+           "ams_workspace_mib": -1, "ams_warmup": 1, "ams_step_requests": -1}
     from sglang_ams.engine.settings import from_user_values
     for cls in (PolicyConfig, EngineSettings):
         for spec in specs(cls).values():

@@ -26,7 +26,7 @@ from ..kernels.gather import gather_dense
 from ..kernels.scoring import window_attention_pool
 from ..scorers.base import Inputs, ScoreInputs
 from ..window_attention import WindowAttention
-from . import workspace
+from . import pacing, workspace
 from .checks import (check_invariants, check_pinned_in_place, free_before, verify_decode_lse, workspace_peak_end,
                      workspace_peak_start)
 from .counters import Timer, now
@@ -150,7 +150,8 @@ class Compactor:
 
     def due_requests(self, batch) -> list[Due]:
         """Requests at their trigger, plus those within the slack (only when at least one is at its trigger:
-        one compaction step serves them all, and the per-step launch cost is paid once)."""
+        one compaction step serves them all, and the per-step launch cost is paid once). Under
+        --ams-step-requests, the most urgent of them that pacing.paced_count lets through."""
         server_cfg = self.rt.settings.policy
         lengths = batch.seq_lens_cpu.tolist()
         due, join = [], []
@@ -161,7 +162,14 @@ class Compactor:
             ready = self._readiness(req, st, lengths[i])
             if ready != NOT:
                 (due if ready == DUE else join).append(Due(i, req, st, lengths[i], protected_len(req)))
-        return due + join if due else []
+        limit = self.rt.settings.step_requests
+        if not limit:
+            return due + join if due else []
+        # Most urgent first (ties in batch order, the same on every TP rank); each decode step adds one token.
+        left = [trigger_points(self.rt, d.req, d.state.cfg)[0] - d.length for d in due + join]
+        order = sorted(range(len(left)), key=lambda j: left[j])
+        take = pacing.paced_count([left[j] for j in order], limit)
+        return [(due + join)[j] for j in order[:take]]
 
     # --- the step --------------------------------------------------------------------------------------
     def step(self, batch) -> StepReport:
