@@ -6,7 +6,8 @@
 #           .gpu/plugin)
 #   run 3+: WORKLOADS=... CONFIGS=... bash benchmarks/serving-visit.sh run                    (results accumulate in $SV)
 # Phases: setup (plugin wheel into the kit's site, Llama-3-8B-shaped dummy model + WordLevel tokenizer of 32000
-# words, context 32768), run, savejit. Settings (environment):
+# words, context 32768), run, start + wait (the driver in the background across several device calls, for runs
+# past one call's 10 minutes; WAIT_S per call), savejit. Settings (environment):
 #   WORKLOADS  long_reasoning,heavy_pressure,short_chat,long_prompts,shared_prefix (default: short_chat)
 #   CONFIGS    production,ams,topk,full (default production,ams)    REPEATS (2)   FIRST_REPEAT (1)   SCALE (1)
 #   COUNT_SCALE  factor on request counts only (1; 3 makes short_chat and shared_prefix run about a minute)
@@ -58,9 +59,24 @@ for phase in "$@"; do
     n=$(python3 -c "import json, sys; print(len(json.load(open(sys.argv[1]))['entries']))" "$SV/summary.json" 2>/dev/null)
     say "run: driver rc $rc (124: stopped at LIMIT_S), ${n:-0} entries in $SV"
     TABLE=$(sed -n '/^wrote /,$p' "$OUT/serving.log" | tail -n +2);;
+  start)     # the same driver in the background, for runs longer than one device call (heavy_pressure)
+    mkdir -p "$SV"; rm -f "$SV/driver.done"
+    (setsid nohup bash -c "timeout -k 20 ${LIMIT_S:-3000} python3 benchmarks/serving.py --model-path $MODEL \
+      --python python3 --client-python python3 --workloads ${WORKLOADS:-short_chat} --configs ${CONFIGS:-production,ams} \
+      --repeats ${REPEATS:-2} --first-repeat ${FIRST_REPEAT:-1} --scale ${SCALE:-1} --count-scale ${COUNT_SCALE:-1} \
+      --port $PORT --server-args='${SERVER_ARGS:---load-format dummy --attention-backend flashinfer}' \
+      --policy-args='${POLICY_ARGS:-}' --run-timeout ${RUN_TIMEOUT:-2400} --startup-timeout 400 --out $SV; \
+      echo \$? > $SV/driver.done" > "$SV/driver.log" 2>&1 < /dev/null &)
+    say "start: driver in the background, log $SV/driver.log";;
+  wait)      # WAIT_S seconds at most (keep it under the call's limit); then what has finished so far
+    for _ in $(seq "${WAIT_S:-540}"); do [ -f "$SV/driver.done" ] && break; sleep 1; done
+    grep -E '^\[[0-9]+/[0-9]+\] [a-z_]+_r[0-9]+: ' "$SV/driver.log" | tail -6
+    cp "$SV"/summary.json "$SV"/summary.md "$SV"/summary.png "$SV/driver.log" "$OUT/" 2>/dev/null
+    (cd "$SV" && tar czf "$OUT/runs.tgz" runs 2>/dev/null)
+    say "wait: $( [ -f "$SV/driver.done" ] && echo "driver exited $(cat "$SV/driver.done")" || echo "still running")";;
   savejit)
     bash .gpu/sglang-kit/tools/jit-cache.sh save "$OUT/jit" > /dev/null 2>&1; say "savejit: $(ls "$OUT/jit" | tr '\n' ' ')";;
-  *) echo "unknown phase $phase (setup, run, savejit)"; exit 2;;
+  *) echo "unknown phase $phase (setup, run, start, wait, savejit)"; exit 2;;
   esac
   echo "($phase: $(( $(date +%s) - t0 )) s)"
 done
