@@ -177,13 +177,16 @@ def tp_rank_size(model_runner) -> tuple[int, int]:
     return int(getattr(src, "tp_rank", 0) or 0), int(getattr(src, "tp_size", 1) or 1)
 
 
-def head_range(model_runner) -> HeadRange:
-    """This rank's heads, by SGLang's sharding rule, with the TP group's all-reduce when there are several ranks."""
+def head_range(model_runner) -> HeadRange | None:
+    """This rank's heads, by SGLang's sharding rule, with the TP group's all-reduce when there are several ranks;
+    None without tensor parallelism (the pool holds every head)."""
     rank, size = tp_rank_size(model_runner)
+    if size == 1:
+        return None
     config = model_runner.model_config
     try:
         return HeadRange.of_rank(rank, size, config.get_total_num_kv_heads(), config.num_attention_heads,
-                                 tp_all_reduce if size > 1 else None)
+                                 tp_all_reduce)
     except ValueError as err:
         raise Unsupported(str(err)) from None
 

@@ -151,26 +151,36 @@ def make_batch(env: Env, reqs: list) -> ScheduleBatch:
         orig_seq_lens=torch.tensor(lens, dtype=torch.int32))
 
 
-def forward(env: Env, batch: ScheduleBatch) -> None:
-    """The model's part of a decode step: new K/V at out_cache_loc, queries into the ring, one output token."""
-    random_kv(env, batch.out_cache_loc)
+def forward(env: Env, batch: ScheduleBatch, q: torch.Tensor | None = None, tokens: list | None = None,
+            write_kv: bool = True):
+    """The model's part of a decode step: new K/V at out_cache_loc, queries into the ring, one output token.
+    `q` [L, B, Hq * d] and `tokens` [B]: given (a TP rank's share of another process's step), else drawn;
+    write_kv=False: the caller wrote the new K/V. Returns (q, tokens)."""
+    ams_runtime.install(env.rt)         # (the hooks read the process's runtime)
+    if write_kv:
+        random_kv(env, batch.out_cache_loc)
     fb = SimpleNamespace(forward_mode=ForwardMode.DECODE, req_pool_indices=batch.req_pool_indices,
                          positions=(batch.seq_lens - 1).clamp(min=0))       # what ForwardBatch.init_new computes
     fb = fb_hooks.init_new_hook(fb, None, batch, None)
     for i, req in enumerate(batch.reqs):    # positions are logical: the token's index in prompt + output
         assert int(fb.positions[i]) == len(req.origin_input_ids) + len(req.output_ids), req.rid
-    q = torch.randn(LAYERS, len(batch.reqs), Q_HEADS * HEAD_DIM, generator=env.gen).to(env.rt.shape.dtype)
+    hq = env.rt.shape.num_q_heads
+    if q is None:
+        q = torch.randn(LAYERS, len(batch.reqs), hq * HEAD_DIM, generator=env.gen).to(env.rt.shape.dtype)
     for layer in range(LAYERS):
         wrapper = DecodeAttention(env, batch, layer)
 
         def attend(*_args, **_kwargs):      # SGLang's FlashInfer backend calls the wrapper's (deprecated) forward
-            return fi_hooks.forward_hook(wrapper.forward_without_lse, wrapper, q[layer].view(-1, Q_HEADS, HEAD_DIM),
+            return fi_hooks.forward_hook(wrapper.forward_without_lse, wrapper, q[layer].view(-1, hq, HEAD_DIM),
                                          None, sm_scale=env.rt.shape.scale)
         attn_hooks.forward_hook(attend, SimpleNamespace(layer_id=layer), q[layer], None, None, fb)
         assert env.rt.ring is None or env.rt.ring.pending is None
+    if tokens is None:
+        tokens = [int(torch.randint(0, 999, (1,), generator=env.gen)) for _ in batch.reqs]
     for i, req in enumerate(batch.reqs):
-        env.queries[req.rid][int(fb.positions[i])] = q[:, i].view(LAYERS, Q_HEADS, HEAD_DIM)
-        req.output_ids.append(int(torch.randint(0, 999, (1,), generator=env.gen)))
+        env.queries[req.rid][int(fb.positions[i])] = q[:, i].view(LAYERS, hq, HEAD_DIM)
+        req.output_ids.append(tokens[i])
+    return q, tokens
 
 
 class DecodeAttention:
