@@ -230,3 +230,16 @@ def test_kernels_on_a_head_shard_equal_the_slice(page_size):
         for got, want in zip(p.k_buffers + p.v_buffers, pool.k_buffers + pool.v_buffers):   # every slot
             assert torch.equal(got, want[:, kv])
     assert not torch.equal(full[4][:, :, :2], full[4][:, :, 2:]), "the two ranks' heads keep different tokens"
+
+
+@pytest.mark.parametrize("tp, kv, q", [(1, 8, 32), (2, 8, 32), (8, 8, 64), (4, 2, 16)])
+def test_reservations_are_sized_for_the_rank_heads(tp, kv, q):
+    """The KV-budget reservations (workspace, ring share) are computed per rank: its KV heads and its query group
+    (with replicated KV heads the group shrinks), as the rank's pool and ring hold them."""
+    from types import SimpleNamespace
+
+    from sglang_ams.patches.mem_cache import _kv_dims
+    config = SimpleNamespace(num_key_value_heads=kv, num_attention_heads=q, head_dim=64, hidden_size=q * 64)
+    dims = _kv_dims(config, torch.bfloat16, tp)
+    heads = HeadRange.of_rank(0, tp, kv, q)
+    assert dims == dict(num_kv_heads=heads.kv_count, group=heads.q_count // heads.kv_count, head_dim=64, elem_size=2)
