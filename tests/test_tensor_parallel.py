@@ -103,7 +103,8 @@ def _stats_file(tmp_path) -> str:
     from sglang_ams.scorers.triattention_calib import TriAttentionStats, save_stats
     gen = torch.Generator().manual_seed(9)
     f = D // 2
-    q_mean = torch.complex(torch.randn(LAYERS, Q_HEADS, f, generator=gen), torch.randn(LAYERS, Q_HEADS, f, generator=gen))
+    q_mean = torch.complex(torch.randn(LAYERS, Q_HEADS, f, generator=gen),
+                           torch.randn(LAYERS, Q_HEADS, f, generator=gen))
     path = str(tmp_path / "stats.pt")
     save_stats(TriAttentionStats(q_mean, q_mean.abs() + torch.rand(LAYERS, Q_HEADS, f, generator=gen), 10, "neox"),
                path)

@@ -25,7 +25,8 @@ class FakeTPGroup:
         self.shapes: list = []            # (k, shape) of every completed collective
 
     def heads(self, rank: int, model_kv_heads: int, model_q_heads: int) -> HeadRange:
-        return HeadRange.of_rank(rank, self.size, model_kv_heads, model_q_heads, functools.partial(self.all_reduce, rank))
+        return HeadRange.of_rank(rank, self.size, model_kv_heads, model_q_heads,
+                                 functools.partial(self.all_reduce, rank))
 
     def all_reduce(self, rank: int, x: torch.Tensor) -> torch.Tensor:
         """Called by a rank's thread while it holds the turn; waiting hands the turn to the others."""

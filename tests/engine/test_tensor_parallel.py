@@ -166,7 +166,8 @@ def _stats_file(path: Path) -> str:
     from sglang_ams.scorers.triattention_calib import TriAttentionStats, save_stats
     gen = torch.Generator().manual_seed(3)
     f = HEAD_DIM // 2
-    q_mean = torch.complex(torch.randn(LAYERS, Q_HEADS, f, generator=gen), torch.randn(LAYERS, Q_HEADS, f, generator=gen))
+    q_mean = torch.complex(torch.randn(LAYERS, Q_HEADS, f, generator=gen),
+                           torch.randn(LAYERS, Q_HEADS, f, generator=gen))
     save_stats(TriAttentionStats(q_mean, q_mean.abs() + torch.rand(LAYERS, Q_HEADS, f, generator=gen), 10, "neox"),
                str(path))
     return str(path)
