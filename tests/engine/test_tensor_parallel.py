@@ -50,6 +50,7 @@ class Cluster:
     group: FakeTPGroup
     batches: list = dataclasses.field(default_factory=list)     # full's, then each rank's
     heads_differ: bool = False      # some selection kept other tokens in rank 0's heads than in rank 1's
+    main_chunks: int = 0            # chunks run for the server policy's group
 
     @property
     def envs(self) -> list:
@@ -176,10 +177,13 @@ def _stats_file(path: Path) -> str:
 CASES = [(p, s, False) for p in ("topk", "ams") for s in SCORERS] + [("ams", "triattention", True)]
 
 
-def _run(policy, scorer, stats, tmp_path, break_offset=False) -> Cluster:
+def _run(policy, scorer, stats, tmp_path, break_offset=False, bound_tokens=None) -> Cluster:
     cfg = CFG.replace(policy=policy, scorer=scorer,
                       triattention_stats=_stats_file(tmp_path / "stats.pt") if stats else "")
     c = make_cluster(cfg, _requests())
+    if bound_tokens:        # a workspace bound of one layer of one `bound_tokens` request, in every process
+        for env in c.envs:
+            env.rt.set_workspace(env.compactor.chunk_cost(cfg).bytes(1, 1, bound_tokens))
     if break_offset:        # rank 1 indexing the model's heads by its local ids
         rt = c.ranks[1].rt
         rt.heads = dataclasses.replace(rt.heads, kv_start=0, q_start=0)
@@ -187,6 +191,7 @@ def _run(policy, scorer, stats, tmp_path, break_offset=False) -> Cluster:
     for _ in range(STEPS):
         report = run_step(c)
         compacted.append({it.rid: (it.length, it.keep) for it in report.requests})
+        c.main_chunks += sum(ch.cfg.policy == policy for ch in report.chunks)
         for ch in report.chunks:
             idx = ch.trace.selection.indices
             c.heads_differ |= ch.cfg.policy == policy and not torch.equal(idx[:, :, :2], idx[:, :, 2:])
@@ -207,6 +212,17 @@ def test_ranks_decide_alike_and_keep_their_heads_slice(policy, scorer, stats, tm
     assert c.heads_differ or scorer == "streaming" or (scorer, policy) == ("tova", "topk")
     if scorer == "tova":
         assert c.group.shapes, "TOVA summed its query heads over the TP group"
+
+
+@pytest.mark.parametrize("scorer", ["tova", "random"])
+def test_layer_chunked_steps_stay_in_lockstep(scorer, tmp_path):
+    """A workspace bound that runs every request alone, one layer at a time (the same plan in every process: the
+    cost scales with the heads): the ranks still decide alike and keep their slices, TOVA does one all-reduce per
+    chunk on every rank, the random scorer draws one base per chunk on every rank."""
+    c = _run("ams", scorer, False, tmp_path, bound_tokens=100)
+    assert c.main_chunks == 2 * 2 * LAYERS                  # long and pinned, twice each, per layer
+    assert len(c.group.shapes) == (c.main_chunks if scorer == "tova" else 0)
+    assert {shape for _, shape in c.group.shapes} <= {(1, 1, 1, 56), (1, 1, 1, 94), (1, 1, 1, 88)}
 
 
 def test_a_rank_without_its_head_offset_diverges(tmp_path):
