@@ -70,11 +70,12 @@ def release_kv_cache_before(req, *args, **kwargs):
     return None
 
 
-def _kv_dims(model_config, kv_dtype) -> dict:
-    """Per-rank KV shape numbers the reservations are computed from (tensor parallelism is refused)."""
-    heads = max(1, model_config.num_key_value_heads)
+def _kv_dims(model_config, kv_dtype, tp_size: int = 1) -> dict:
+    """Per-rank KV shape numbers the reservations are computed from: a TP rank holds its share of the heads
+    (SGLang's rule, sglang_ams/heads.py: at least one KV head, replicated when there are more ranks)."""
+    heads = max(1, max(1, model_config.num_key_value_heads) // tp_size)
     head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
-    return dict(num_kv_heads=heads, group=model_config.num_attention_heads // heads, head_dim=head_dim,
+    return dict(num_kv_heads=heads, group=model_config.num_attention_heads // tp_size // heads, head_dim=head_dim,
                 elem_size=kv_dtype.itemsize)
 
 
@@ -99,7 +100,7 @@ def profile_available_bytes_hook(orig, self, *args, **kwargs):
     if settings is None or not settings.enabled or getattr(self, "is_draft_worker", False):
         return available
     p = settings.policy
-    dims = _kv_dims(self.model_config, self.kv_cache_dtype)
+    dims = _kv_dims(self.model_config, self.kv_cache_dtype, getattr(getattr(self, "server_args", None), "tp_size", 1))
     bound = workspace_bound(settings, dims, self.model_config.context_len, available)
     _RESERVED["workspace"] = bound     # alloc_memory_pool_hook (same process, next) hands it to the runtime
     ring = 0.0

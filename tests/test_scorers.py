@@ -265,14 +265,35 @@ def test_keydiff(case):
     assert_valid_close(out, ref)
 
 
+def ref_mix(x: int) -> int:
+    """The random scorer's integer mixer, on Python ints (31-bit xor-shift-multiply, two rounds)."""
+    for _ in range(2):
+        x ^= x >> 16
+        x = (x * 0x45D9F3B) % (1 << 31)
+    return x ^ (x >> 16)
+
+
 def test_random_is_seeded_and_uniform(case):
-    shape = (len(LENGTHS), LAYERS, KV_HEADS, T)
-    out = make_scorer(PolicyConfig(scorer="random", seed=7)).score(fresh(case.inputs, queries=None))
-    expected = torch.rand(shape, generator=torch.Generator().manual_seed(7))
+    """Score of (request n, layer l, KV head h, token t) in the call drawing base b: the mixer chained over
+    b + n, l, h, t (model-wide layer and head ids), scaled to [0, 1); b is the call's draw from the seeded host
+    generator."""
+    scorer = make_scorer(PolicyConfig(scorer="random", seed=7))
+    out = scorer.score(fresh(case.inputs, queries=None))
+    base = int(torch.randint(0, 1 << 31, (1,), generator=torch.Generator().manual_seed(7)))
+    expected = torch.zeros(len(LENGTHS), LAYERS, KV_HEADS, T, dtype=torch.float64)
+    for n in range(len(LENGTHS)):
+        for l in range(LAYERS):
+            for h in range(KV_HEADS):
+                for t in range(T):
+                    x = ref_mix(ref_mix(ref_mix(ref_mix((base + n) % (1 << 31)) ^ l) ^ h) ^ t)
+                    expected[n, l, h, t] = float(torch.tensor(x).float()) * 2.0 ** -31
     assert_valid_close(out, expected, rtol=0, atol=0)
+    assert not torch.equal(scorer.score(fresh(case.inputs)), out)          # the next call draws a new base
     again = make_scorer(PolicyConfig(scorer="random", seed=7)).score(fresh(case.inputs))
     other = make_scorer(PolicyConfig(scorer="random", seed=8)).score(fresh(case.inputs))
     assert torch.equal(out, again) and not torch.equal(out, other)
+    layer1 = make_scorer(PolicyConfig(scorer="random", seed=7)).score(fresh(case.inputs, layer_start=1))
+    assert torch.equal(layer1[:, 0], out[:, 1])          # scores follow the model layer, not the chunk's index
 
 
 # ---------------------------------------------------------------- expected attention

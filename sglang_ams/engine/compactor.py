@@ -284,7 +284,7 @@ class Compactor:
         keys, values = self._dense_kv(need, k_ptrs, v_ptrs, rows, lengths, n, nl, t_max)
         inputs = ScoreInputs(keys=keys, values=values, lengths=lengths.long(), queries=queries,
                              query_pos=query_pos, rope=rt.rope if need.rope else None, scale=shape.scale, attn=attn,
-                             layer_start=layers.start, model_layers=shape.num_layers)
+                             layer_start=layers.start, model_layers=shape.num_layers, heads=rt.heads)
         credit = self._credit(items, t_max, layers) if cfg.selector.uses_credit else None
         return inputs, credit, decode_lse
 

@@ -11,6 +11,7 @@ import logging
 
 import torch
 
+from ..heads import HeadRange
 from ..kernels.gather import pointer_table
 from ..rope import RopeSpec, inv_freq_from_config
 from . import ring as ring_mod
@@ -30,11 +31,19 @@ class Unsupported(RuntimeError):
 class ModelShape:
     num_layers: int          # layers in this process's KV pool
     start_layer: int
-    num_kv_heads: int        # per TP rank
+    num_kv_heads: int        # per TP rank (the pool's head_num)
     num_q_heads: int         # per TP rank
     head_dim: int
     dtype: torch.dtype
     scale: float             # attention softmax scale
+    heads: HeadRange | None = None   # which of the model's heads the pool holds (default: all of them)
+
+    def __post_init__(self):
+        if self.heads is None:
+            self.heads = HeadRange.full(self.num_kv_heads, self.num_q_heads)
+        elif (self.heads.kv_count, self.heads.q_count) != (self.num_kv_heads, self.num_q_heads):
+            raise Unsupported(f"the pool holds {self.num_kv_heads} KV / {self.num_q_heads} query heads, SGLang's "
+                              f"tensor-parallel sharding gives this rank {self.heads.kv_count} / {self.heads.q_count}")
 
     @property
     def group_size(self) -> int:
@@ -60,6 +69,7 @@ class Runtime:
         self.k_ptrs = pointer_table(kv_pool.k_buffer)
         self.v_ptrs = pointer_table(kv_pool.v_buffer)
         self.slot_stride = kv_pool.k_buffer[0].stride(0)
+        self.heads = shape.heads
         req_slots = req_to_token_pool.req_to_token.shape[0]
         # logical - physical position per req_pool_idx, added to decode positions on the GPU
         self.pos_offsets = torch.zeros(req_slots, dtype=torch.int64, device=self.device)
@@ -156,7 +166,36 @@ def model_shape(model_runner) -> ModelShape:
     first = layers[0]
     return ModelShape(num_layers=kv.layer_num, start_layer=getattr(kv, "start_layer", 0) or 0,
                       num_kv_heads=kv.head_num, num_q_heads=first.tp_q_head_num, head_dim=kv.head_dim,
-                      dtype=kv.k_buffer[0].dtype, scale=float(first.scaling))
+                      dtype=kv.k_buffer[0].dtype, scale=float(first.scaling),
+                      heads=head_range(model_runner))
+
+
+def tp_rank_size(model_runner) -> tuple[int, int]:
+    """(rank, size) of the group that shards attention heads: SGLang's TP group (DP attention is refused)."""
+    ps = getattr(model_runner, "ps", None)          # SGLang 0.5.17: ParallelState; older: attributes
+    src = ps if ps is not None else model_runner
+    return int(getattr(src, "tp_rank", 0) or 0), int(getattr(src, "tp_size", 1) or 1)
+
+
+def head_range(model_runner) -> HeadRange | None:
+    """This rank's heads, by SGLang's sharding rule, with the TP group's all-reduce when there are several ranks;
+    None without tensor parallelism (the pool holds every head)."""
+    rank, size = tp_rank_size(model_runner)
+    if size == 1:
+        return None
+    config = model_runner.model_config
+    try:
+        return HeadRange.of_rank(rank, size, config.get_total_num_kv_heads(), config.num_attention_heads,
+                                 tp_all_reduce)
+    except ValueError as err:
+        raise Unsupported(str(err)) from None
+
+
+def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum over SGLang's TP group (NCCL through torch.distributed: every rank gets the same sum)."""
+    from sglang.srt.distributed import get_tp_group
+    torch.distributed.all_reduce(x, group=get_tp_group().device_group)
+    return x
 
 
 def check_model_config(model_config) -> None:

@@ -6,6 +6,9 @@ Shapes (N requests padded to T tokens, L layers, H KV heads, G query heads per K
   queries       [N, L, H*G, W, d] post-RoPE window queries; query w sits at key index lengths[n] - W + w and
                                   sees keys up to that index (causal); query head h*G + g belongs to KV head h
   query_pos     [N, W]            logical positions of the window queries (the last one is "now")
+  heads                           which of the model's heads H and H*G are (tensor parallelism holds a slice;
+                                  None: all of them). Per-head data indexed by a model-wide head id takes its
+                                  offsets, and a quantity over all heads of a layer is summed over the TP group.
 A scorer returns float32 [N, L, H, T]: higher means more worth keeping. Values at padding positions are ignored.
 It declares what it reads (`Inputs`): the compactor and the reference loop build only that, and a test gives every
 scorer only its declared inputs. Its hyper-parameters are dataclass fields (`config_field`: from the PolicyConfig).
@@ -17,6 +20,7 @@ from typing import ClassVar
 
 import torch
 
+from ..heads import HeadRange
 from ..rope import RopeSpec
 from ..window_attention import WindowAttention, window_attention
 
@@ -33,6 +37,7 @@ class ScoreInputs:
     attn: WindowAttention | None = None   # precomputed (the Triton kernel in the engine); else computed here
     layer_start: int = 0            # the model layer of keys[:, 0] (the engine may score a range of layers)
     model_layers: int | None = None  # layers of the whole model when keys hold a range of them
+    heads: HeadRange | None = None   # the model's heads that keys (and queries) hold; None: all of them
 
     @property
     def num_kv_heads(self) -> int:

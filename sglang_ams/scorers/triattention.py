@@ -11,9 +11,10 @@ at p_now + δ is E[q_f]·exp(i ω_f (p_now + δ)). Their 2-D dot product is Re(q
 one complex factor per (request, f) (rope.mean_phasor).
 GQA: each query head's scores are z-scored over the request's valid tokens (population std), then max over the group.
 
-Statistics: from cfg.triattention_stats (see triattention_calib) when set; else estimated per request from its window
-queries, un-rotated to pre-RoPE and averaged over the window. Without a stats file the scorer needs the queries; with
-one it needs only query_pos (for p_now).
+Statistics: from cfg.triattention_stats (see triattention_calib) when set, this process's query heads taken from
+the file's model-wide ones (ScoreInputs.heads: a tensor-parallel rank holds a slice); else estimated per request
+from its window queries, un-rotated to pre-RoPE and averaged over the window. Without a stats file the scorer needs
+the queries; with one it needs only query_pos (for p_now).
 """
 from __future__ import annotations
 
@@ -55,13 +56,18 @@ class TriAttentionScorer(Scorer):
         n, nl, h = inputs.keys.shape[:3]
         freqs = inputs.rope.inv_freq.numel()
         model_layers = inputs.model_layers or nl
-        if q_mean.shape[0] != model_layers or q_mean.shape[1] % h or q_mean.shape[2] != freqs:
+        heads = inputs.heads
+        # The file covers the model's query heads; a TP rank takes its own slice of them.
+        q_heads = slice(None) if heads is None else slice(heads.q_start, heads.q_start + heads.q_count)
+        want = f"{heads.model_q_heads}" if heads is not None else f"a multiple of {h}"
+        if q_mean.shape[0] != model_layers or q_mean.shape[2] != freqs or \
+                (q_mean.shape[1] % h if heads is None else q_mean.shape[1] != heads.model_q_heads):
             raise ValueError(f"triattention stats {self.stats!r} have [layers, q heads, freqs] = "
-                             f"{list(q_mean.shape)}; the model needs {model_layers} layers, a multiple of {h} q heads and "
+                             f"{list(q_mean.shape)}; the model needs {model_layers} layers, {want} q heads and "
                              f"{freqs} frequency pairs")
         device = inputs.keys.device
         layers = slice(inputs.layer_start, inputs.layer_start + nl)
-        return q_mean[layers].to(device)[None], q_abs[layers].to(device)[None]      # [1, L, Hq, F]
+        return q_mean[layers, q_heads].to(device)[None], q_abs[layers, q_heads].to(device)[None]   # [1, L, Hq, F]
 
     def _window_statistics(self, inputs: ScoreInputs):
         require(inputs, "queries", self.name, "no cfg.triattention_stats, so query statistics come from the window")

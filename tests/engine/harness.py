@@ -65,11 +65,13 @@ class Env:
 
 
 def make_env(*, trace=True, page_size=1, dtype=torch.bfloat16, policy=CFG, ring_rows=0, seed=0, batch_slack=0.0,
-             scoring_lse="decode", debug_checks=True, step_requests=0) -> Env:
+             scoring_lse="decode", debug_checks=True, heads=None, step_requests=0) -> Env:
     """Pools, allocator and radix cache as SGLang builds them, and the Runtime as our alloc_memory_pool hook does.
-    `trace`: the compactor keeps what each selection got in its report (checks.check_selection reads it)."""
+    `trace`: the compactor keeps what each selection got in its report (checks.check_selection reads it).
+    `heads`: a tensor-parallel rank's HeadRange (its pool holds heads.kv_count heads); default all heads."""
     gen = torch.Generator().manual_seed(seed)
-    kv_pool = MHATokenToKVPool(POOL_TOKENS, page_size, dtype, KV_HEADS, HEAD_DIM, LAYERS, device="cpu",
+    kv_heads, q_heads = (KV_HEADS, Q_HEADS) if heads is None else (heads.kv_count, heads.q_count)
+    kv_pool = MHATokenToKVPool(POOL_TOKENS, page_size, dtype, kv_heads, HEAD_DIM, LAYERS, device="cpu",
                                enable_memory_saver=False)
     for buf in kv_pool.k_buffer + kv_pool.v_buffer:     # free slots hold data too: a stray read shows
         buf.copy_(torch.randn(buf.shape, generator=gen))
@@ -81,8 +83,8 @@ def make_env(*, trace=True, page_size=1, dtype=torch.bfloat16, policy=CFG, ring_
     tree = compat.make_radix_cache(req_pool, allocator, page_size)
     settings = EngineSettings(policy=policy, ring_rows=ring_rows, debug_checks=debug_checks, batch_slack=batch_slack,
                               scoring_lse=scoring_lse, step_requests=step_requests)
-    shape = ams_runtime.ModelShape(num_layers=LAYERS, start_layer=0, num_kv_heads=KV_HEADS, num_q_heads=Q_HEADS,
-                                   head_dim=HEAD_DIM, dtype=dtype, scale=HEAD_DIM ** -0.5)
+    shape = ams_runtime.ModelShape(num_layers=LAYERS, start_layer=0, num_kv_heads=kv_heads, num_q_heads=q_heads,
+                                   head_dim=HEAD_DIM, dtype=dtype, scale=HEAD_DIM ** -0.5, heads=heads)
     rt = ams_runtime.Runtime(settings, shape, kv_pool, req_pool, allocator, tiny_rope(),
                              ams_runtime.ring_rows_for(settings, POOL_TOKENS))
     ams_runtime.install(rt)
@@ -98,7 +100,7 @@ def tiny_rope() -> RopeSpec:
 
 def random_kv(env: Env, slots: torch.Tensor) -> None:
     for buf in env.kv_pool.k_buffer + env.kv_pool.v_buffer:
-        buf[slots] = torch.randn(len(slots), KV_HEADS, HEAD_DIM, generator=env.gen).to(buf.dtype)
+        buf[slots] = torch.randn(len(slots), *buf.shape[1:], generator=env.gen).to(buf.dtype)
 
 
 def alloc_slots(env: Env, n: int) -> torch.Tensor:
@@ -149,26 +151,36 @@ def make_batch(env: Env, reqs: list) -> ScheduleBatch:
         orig_seq_lens=torch.tensor(lens, dtype=torch.int32))
 
 
-def forward(env: Env, batch: ScheduleBatch) -> None:
-    """The model's part of a decode step: new K/V at out_cache_loc, queries into the ring, one output token."""
-    random_kv(env, batch.out_cache_loc)
+def forward(env: Env, batch: ScheduleBatch, q: torch.Tensor | None = None, tokens: list | None = None,
+            write_kv: bool = True):
+    """The model's part of a decode step: new K/V at out_cache_loc, queries into the ring, one output token.
+    `q` [L, B, Hq * d] and `tokens` [B]: given (a TP rank's share of another process's step), else drawn;
+    write_kv=False: the caller wrote the new K/V. Returns (q, tokens)."""
+    ams_runtime.install(env.rt)         # (the hooks read the process's runtime)
+    if write_kv:
+        random_kv(env, batch.out_cache_loc)
     fb = SimpleNamespace(forward_mode=ForwardMode.DECODE, req_pool_indices=batch.req_pool_indices,
                          positions=(batch.seq_lens - 1).clamp(min=0))       # what ForwardBatch.init_new computes
     fb = fb_hooks.init_new_hook(fb, None, batch, None)
     for i, req in enumerate(batch.reqs):    # positions are logical: the token's index in prompt + output
         assert int(fb.positions[i]) == len(req.origin_input_ids) + len(req.output_ids), req.rid
-    q = torch.randn(LAYERS, len(batch.reqs), Q_HEADS * HEAD_DIM, generator=env.gen).to(env.rt.shape.dtype)
+    hq = env.rt.shape.num_q_heads
+    if q is None:
+        q = torch.randn(LAYERS, len(batch.reqs), hq * HEAD_DIM, generator=env.gen).to(env.rt.shape.dtype)
     for layer in range(LAYERS):
         wrapper = DecodeAttention(env, batch, layer)
 
         def attend(*_args, **_kwargs):      # SGLang's FlashInfer backend calls the wrapper's (deprecated) forward
-            return fi_hooks.forward_hook(wrapper.forward_without_lse, wrapper, q[layer].view(-1, Q_HEADS, HEAD_DIM),
+            return fi_hooks.forward_hook(wrapper.forward_without_lse, wrapper, q[layer].view(-1, hq, HEAD_DIM),
                                          None, sm_scale=env.rt.shape.scale)
         attn_hooks.forward_hook(attend, SimpleNamespace(layer_id=layer), q[layer], None, None, fb)
         assert env.rt.ring is None or env.rt.ring.pending is None
+    if tokens is None:
+        tokens = [int(torch.randint(0, 999, (1,), generator=env.gen)) for _ in batch.reqs]
     for i, req in enumerate(batch.reqs):
-        env.queries[req.rid][int(fb.positions[i])] = q[:, i].view(LAYERS, Q_HEADS, HEAD_DIM)
-        req.output_ids.append(int(torch.randint(0, 999, (1,), generator=env.gen)))
+        env.queries[req.rid][int(fb.positions[i])] = q[:, i].view(LAYERS, hq, HEAD_DIM)
+        req.output_ids.append(tokens[i])
+    return q, tokens
 
 
 class DecodeAttention:
@@ -189,7 +201,8 @@ class DecodeAttention:
         for i, req in enumerate(self.batch.reqs):
             slots = self.env.r2t[compat.pool_idx(req), : int(self.batch.seq_lens[i])].long()
             keys = self.env.kv_pool.k_buffer[self.layer][slots].float()                  # [T, H, d]
-            qi = q[i].float().view(KV_HEADS, Q_HEADS // KV_HEADS, HEAD_DIM)
+            shape = self.env.rt.shape
+            qi = q[i].float().view(shape.num_kv_heads, shape.group_size, HEAD_DIM)
             logits = torch.einsum("hgd,thd->hgt", qi, keys) * self._sm_scale
             lses.append(torch.logsumexp(logits, -1).reshape(-1) / math.log(2.0))
         return torch.zeros_like(q), torch.stack(lses)
