@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# SGLang 0.5.23 (torch 2.14.1) on the GPU machine, from the chunked kit in .gpu/sglang-0523-kit
+# (built on the CPU side by .gpu/sglang-0523-kit/build/build-0523.sh; git-ignored, see its MANIFEST.txt).
+# One device call per chunk; the calls must follow each other at once (the machine keeps /tmp only ~30 s):
+#   call k = 1..N-1: bash tests/gpu/visit-0523.sh unpack k           carry .gpu/sglang-0523-kit/cKK
+#     (on the chunk that completes the torch group, MANIFEST's "torch cKK", add `check`: fails fast)
+#   call N:          bash tests/gpu/visit-0523.sh unpack N check serve
+#                    carry .gpu/sglang-0523-kit/cNN, .gpu/sglang-0523-kit/tools, .gpu/plugin (the plugin wheel)
+#   later calls:     bash tests/gpu/visit-0523.sh serve:ams savejit  (carry tools, plugin) while still warm
+# Phases:
+#   unpack N   extract chunk N into $KIT_SITE (/tmp/site0523); the last chunk exits 3 if one is missing
+#   check      torch (version, CUDA, a tensor on the GPU, NCCL/cuDNN versions and which files were loaded),
+#              then sgl_kernel, flashinfer, sglang: version or the error, each on its own
+#   serve      install the plugin wheel into the site, a dummy 1B Llama config, launch_server with
+#              --attention-backend flashinfer, first --kv-policy none, then --kv-policy ams; one /generate each
+#              (serve:none or serve:ams runs one of them)
+#   savejit    the JIT caches into $OUT/jit (FlashInfer 0.7.2, tvm-ffi, Triton 3.8), for a later visit
+# Each phase prints one line starting with "### "; a summary comes last. Exit status: the first failing phase's.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+KIT=.gpu/sglang-0523-kit
+TMP=${TMPDIR:-/tmp}
+OUT=${OUT:-$TMP/visit0523-out}; mkdir -p "$OUT"
+export KIT_SITE=${KIT_SITE:-/tmp/site0523}
+if [ -f "$KIT/tools/env.sh" ]; then source "$KIT/tools/env.sh"
+else  # the chunk-only calls carry no tools/: the same settings inline
+  export PYTHONPATH=$KIT_SITE${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 \
+    PYTORCH_SKIP_CUDNN_COMPATIBILITY_CHECK=1
+fi
+SUMMARY=(); RC=0
+say() { SUMMARY+=("$*"); echo "### $*"; }
+fail() { say "$*"; [ $RC = 0 ] && RC=1; }
+
+check_torch() {
+  python3 - <<'EOF'
+import os, sys, time
+t0 = time.time()
+try:
+    import torch
+    v = torch.__version__
+    ok = torch.cuda.is_available()
+    x = torch.zeros(1).cuda(); x += 1; torch.cuda.synchronize()
+    y = (torch.ones(64, 64, device="cuda", dtype=torch.bfloat16) @ torch.ones(64, 64, device="cuda", dtype=torch.bfloat16)).float().sum().item()
+    cudnn = torch.backends.cudnn.version()
+    libs = sorted({l.split()[-1] for l in open("/proc/self/maps") if any(k in l for k in ("libnccl", "libcudnn.so", "libcublas", "libcusparseLt"))})
+    nccl = "built " + ".".join(map(str, torch.cuda.nccl.version()))
+    try:  # the library actually loaded (the image's), not the version torch was built with
+        import ctypes
+        v_ = ctypes.c_int(); ctypes.CDLL(next(l for l in libs if "libnccl" in l)).ncclGetVersion(ctypes.byref(v_))
+        nccl += f", loaded {v_.value // 10000}.{v_.value // 100 % 100}.{v_.value % 100}"
+    except Exception as e:
+        nccl += f", loaded ? ({e!r})"
+    print("torch libs: " + " ".join(libs))
+    print(f"torch_line torch {v} from {os.path.dirname(torch.__file__)}; cuda {ok} {torch.cuda.get_device_name(0)}; "
+          f"zeros ok; bf16 matmul {y:.0f} (want 262144); nccl {nccl}; cudnn {cudnn}; dlopen flags {sys.getdlopenflags()}; {time.time()-t0:.1f} s")
+    sys.exit(0 if y == 262144.0 else 1)
+except BaseException as e:
+    import traceback; traceback.print_exc(limit=-4)
+    print(f"torch_line torch FAILED: {e!r}"[:600]); sys.exit(1)
+EOF
+}
+
+check_rest() {
+  python3 - <<'EOF'
+import importlib, importlib.metadata as md, sys, time, traceback
+out, bad = [], 0
+for mod, dist in (("sgl_kernel", "sglang-kernel"), ("flashinfer", "flashinfer-python"), ("sglang", "sglang"),
+                  ("sglang.srt.entrypoints.http_server", None), ("sglang.srt.layers.attention.flashinfer_backend", None)):
+    t0 = time.time()
+    try:
+        importlib.import_module(mod)
+        v = md.version(dist) if dist else "ok"
+        out.append(f"{mod} {v} ({time.time()-t0:.1f} s)")
+    except BaseException as e:
+        bad += 1; traceback.print_exc(limit=-3)
+        out.append(f"{mod} FAILED {e!r}"[:300])
+print("rest_line " + " | ".join(out)); sys.exit(1 if bad else 0)
+EOF
+}
+
+serve_one() {  # policy: launch, wait, one /generate, stop; prints a pass/fail line
+  local pol=$1 port=$2 M=$TMP/m0523-1b
+  python3 "$KIT/tools/mkmodel.py" "$M" 1b > /dev/null
+  local extra=""; [ "$pol" = ams ] && extra="--kv-budget 128 --kv-interval 32"
+  local log=$OUT/server-$pol.log ts; ts=$(date +%s)
+  setsid python3 -m sglang.launch_server --model-path "$M" --load-format dummy --skip-tokenizer-init \
+    --attention-backend flashinfer --port "$port" --mem-fraction-static 0.5 --kv-policy "$pol" $extra > "$log" 2>&1 &
+  local pid=$!
+  if python3 "$KIT/tools/bench.py" wait --port "$port" --timeout "${SERVE_WAIT:-420}" --pid "$pid" > /dev/null; then
+    local up=$(( $(date +%s) - ts ))
+    python3 - "$port" "$pol" "$up" "$log" <<'EOF' > "$OUT/generate-$pol.txt" 2>&1
+import json, sys, time, urllib.request
+port, pol, up, log = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+n = 300  # > budget + interval: an ams request compacts at least once
+body = {"input_ids": list(range(100, 164)), "sampling_params": {"max_new_tokens": n, "temperature": 0, "ignore_eos": True}}
+t0 = time.time()
+try:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    r = json.loads(urllib.request.urlopen(req, timeout=300).read())
+    got = len(r.get("output_ids") or [])
+    ams_line = any("sglang-ams: policy" in l for l in open(log, errors="replace"))
+    ok = got == n and (pol != "ams" or ams_line)
+    print(f"serve_line {pol}: {'PASS' if ok else 'FAIL'}: ready {up} s, /generate {got}/{n} tokens in {time.time()-t0:.2f} s"
+          + (f", plugin policy log line {'seen' if ams_line else 'MISSING'}" if pol == "ams" else ""))
+    print(json.dumps(r.get("meta_info", {}))[:800])
+    sys.exit(0 if ok else 1)
+except Exception as e:
+    print(f"serve_line {pol}: FAIL: /generate {e!r}"[:400]); sys.exit(1)
+EOF
+    local rc=$?
+    say "$(grep -a '^serve_line' "$OUT/generate-$pol.txt" | sed 's/^serve_line //')"
+  else
+    local rc=1
+    say "serve $pol: FAIL: server not ready after $(( $(date +%s) - ts )) s"; grep -aE "Error|error|Traceback" "$log" | tail -15
+  fi
+  kill -TERM "$pid" 2>/dev/null; for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+  kill -KILL -- -"$pid" 2>/dev/null; sleep 2
+  return $rc
+}
+
+while [ $# -gt 0 ]; do
+  phase=$1; shift; t0=$(date +%s)
+  case $phase in
+  unpack)
+    n=$(printf '%02d' "$((10#${1:?unpack N}))"); shift
+    [ -f "$KIT/c$n/unpack.sh" ] || { fail "unpack c$n: not carried ($KIT/c$n missing)"; break; }
+    line=$(bash "$KIT/c$n/unpack.sh" "$KIT_SITE" 2>&1); r=$?; echo "$line"
+    say "unpack c$n: rc $r: $(echo "$line" | grep '^unpack:' | tr '\n' ' ')"
+    [ $r != 0 ] && { RC=$r; break; };;
+  check)
+    check_torch > "$OUT/check-torch.log" 2>&1; r=$?; grep -v '^torch_line' "$OUT/check-torch.log" | tail -12
+    if [ $r = 0 ]; then say "check torch: $(grep '^torch_line' "$OUT/check-torch.log" | sed 's/^torch_line //')"
+    else fail "check torch: $(grep '^torch_line' "$OUT/check-torch.log" | sed 's/^torch_line //')"; fi
+    if [ -f "$KIT_SITE/sglang/__init__.py" ] && [ -f "$KIT_SITE/flashinfer/__init__.py" ]; then
+      check_rest > "$OUT/check-rest.log" 2>&1; r2=$?; grep -v '^rest_line' "$OUT/check-rest.log" | tail -15
+      if [ $r2 = 0 ]; then say "check imports: $(grep '^rest_line' "$OUT/check-rest.log" | sed 's/^rest_line //')"
+      else fail "check imports: $(grep '^rest_line' "$OUT/check-rest.log" | sed 's/^rest_line //')"; fi
+    else say "check imports: skipped (sglang/flashinfer not unpacked yet)"; fi;;
+  serve|serve:none|serve:ams)
+    [ -f "$KIT/tools/mkmodel.py" ] || { fail "serve: carry $KIT/tools"; break; }
+    if ls .gpu/plugin/*.whl > /dev/null 2>&1; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$KIT_SITE" .gpu/plugin/*.whl \
+        > "$OUT/pip.log" 2>&1 || { cat "$OUT/pip.log"; fail "serve: plugin install failed"; break; }
+    else fail "serve: no plugin wheel in .gpu/plugin"; break; fi
+    case $phase in serve:none) pols=none;; serve:ams) pols=ams;; *) pols="none ams";; esac
+    for p in $pols; do serve_one "$p" 30523 || { [ $RC = 0 ] && RC=1; }; done;;
+  savejit)
+    bash "$KIT/tools/jit-cache.sh" save "$OUT/jit" > "$OUT/jit.log" 2>&1; say "savejit: $(ls "$OUT/jit" 2>/dev/null | tr '\n' ' ')";;
+  *) echo "unknown phase $phase"; exit 2;;
+  esac
+  echo "    ($phase took $(( $(date +%s) - t0 )) s)"
+done
+echo "================ visit-0523 summary"
+printf ' - %s\n' "${SUMMARY[@]}"
+exit $RC
