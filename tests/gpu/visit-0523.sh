@@ -8,7 +8,9 @@
 #                    carry .gpu/sglang-0523-kit/cNN, .gpu/sglang-0523-kit/tools, .gpu/plugin (the plugin wheel)
 #   later calls:     bash tests/gpu/visit-0523.sh serve:ams savejit  (carry tools, plugin) while still warm
 # Phases:
-#   unpack N   extract chunk N into $KIT_SITE (/tmp/site0523); the last chunk exits 3 if one is missing
+#   unpack N   extract chunk cNN into $KIT_SITE (/tmp/site0523); the last chunk exits 3 if one is missing.
+#              `unpack nK`: the optional NCCL 2.30.7 chunks n01.. (torch's own pin; the image has 2.28.9)
+#              Small chunks may share a call: `unpack n6 unpack 18` (carry both folders)
 #   check      torch (version, CUDA, a tensor on the GPU, NCCL/cuDNN versions and which files were loaded),
 #              then sgl_kernel, flashinfer, sglang: version or the error, each on its own
 #   serve      install the plugin wheel into the site, a dummy 1B Llama config, launch_server with
@@ -123,10 +125,12 @@ while [ $# -gt 0 ]; do
   phase=$1; shift; t0=$(date +%s)
   case $phase in
   unpack)
-    n=$(printf '%02d' "$((10#${1:?unpack N}))"); shift
-    [ -f "$KIT/c$n/unpack.sh" ] || { fail "unpack c$n: not carried ($KIT/c$n missing)"; break; }
-    line=$(bash "$KIT/c$n/unpack.sh" "$KIT_SITE" 2>&1); r=$?; echo "$line"
-    say "unpack c$n: rc $r: $(echo "$line" | grep '^unpack:' | tr '\n' ' ')"
+    a=${1:?unpack N}; shift
+    case $a in [a-z]*) pre=${a%%[0-9]*}; num=${a#"$pre"};; *) pre=c; num=$a;; esac   # 7 -> c07, n2 -> n02
+    n=$(printf '%s%02d' "$pre" "$((10#$num))")
+    [ -f "$KIT/$n/unpack.sh" ] || { fail "unpack $n: not carried ($KIT/$n missing)"; break; }
+    line=$(bash "$KIT/$n/unpack.sh" "$KIT_SITE" 2>&1); r=$?; echo "$line"
+    say "unpack $n: rc $r: $(echo "$line" | grep '^unpack:' | tr '\n' ' ')"
     [ $r != 0 ] && { RC=$r; break; };;
   check)
     check_torch > "$OUT/check-torch.log" 2>&1; r=$?; grep -v '^torch_line' "$OUT/check-torch.log" | tail -12
