@@ -4,9 +4,10 @@
 # One device call per chunk; the calls must follow each other at once (the machine keeps /tmp only ~30 s):
 #   call k = 1..N-1: bash tests/gpu/visit-0523.sh unpack k           carry .gpu/sglang-0523-kit/cKK
 #     (on the chunk that completes the torch group, MANIFEST's "torch cKK", add `check`: fails fast)
-#   call N:          bash tests/gpu/visit-0523.sh unpack N check serve
+#   call N:          bash tests/gpu/visit-0523.sh unpack N check serve:none
 #                    carry .gpu/sglang-0523-kit/cNN, .gpu/sglang-0523-kit/tools, .gpu/plugin (the plugin wheel)
-#   later calls:     bash tests/gpu/visit-0523.sh serve:ams savejit  (carry tools, plugin) while still warm
+#   call N+1:        bash tests/gpu/visit-0523.sh serve:ams savejit  (carry tools, plugin) while still warm
+#   (the first server JIT-compiles FlashInfer 0.7.2 cold: `serve`, both policies in one call, may pass 600 s)
 # Phases:
 #   unpack N   extract chunk cNN into $KIT_SITE (/tmp/site0523); the last chunk exits 3 if one is missing.
 #              `unpack nK`: the optional NCCL 2.30.7 chunks n01.. (torch's own pin; the image has 2.28.9)
