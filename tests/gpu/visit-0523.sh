@@ -13,6 +13,7 @@
 #              `unpack nK`: the optional NCCL 2.30.7 chunks n01.. (torch's own pin; the image has 2.28.9)
 #              Small chunks may share a call: `unpack n6 unpack 18` (carry both folders)
 #   check      torch (version, CUDA, a tensor on the GPU, NCCL/cuDNN versions and which files were loaded),
+#              a 1-rank NCCL group + all_reduce (torch 2.14.1 on the image's older NCCL),
 #              then sgl_kernel, flashinfer, sglang: version or the error, each on its own
 #   serve      install the plugin wheel into the site, a dummy 1B Llama config, launch_server with
 #              --attention-backend flashinfer, first --kv-policy none, then --kv-policy ams; one /generate each
@@ -60,6 +61,17 @@ try:
 except BaseException as e:
     import traceback; traceback.print_exc(limit=-4)
     print(f"torch_line torch FAILED: {e!r}"[:600]); sys.exit(1)
+EOF
+}
+
+check_nccl() {  # a 1-rank NCCL group + all_reduce, as SGLang's TP=1 start does: torch 2.14.1 on the image's NCCL
+  timeout 120 python3 - <<'EOF' 2>&1
+import os, torch, torch.distributed as dist
+os.environ.setdefault("MASTER_ADDR", "127.0.0.1"); os.environ.setdefault("MASTER_PORT", "29523")
+dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda:0"))
+t = torch.ones(1024, device="cuda"); dist.all_reduce(t); dist.barrier(); torch.cuda.synchronize()
+g = dist.new_group([0]); dist.all_reduce(t, group=g); torch.cuda.synchronize()
+print(f"nccl_line all_reduce ok ({t[0].item():.0f}), new_group ok"); dist.destroy_process_group()
 EOF
 }
 
@@ -137,6 +149,11 @@ while [ $# -gt 0 ]; do
     check_torch > "$OUT/check-torch.log" 2>&1; r=$?; grep -v '^torch_line' "$OUT/check-torch.log" | tail -12
     if [ $r = 0 ]; then say "check torch: $(grep '^torch_line' "$OUT/check-torch.log" | sed 's/^torch_line //')"
     else fail "check torch: $(grep '^torch_line' "$OUT/check-torch.log" | sed 's/^torch_line //')"; fi
+    if [ $r = 0 ]; then
+      check_nccl > "$OUT/check-nccl.log"; r3=$?
+      if [ $r3 = 0 ] && grep -q '^nccl_line' "$OUT/check-nccl.log"; then say "check nccl: $(grep '^nccl_line' "$OUT/check-nccl.log" | sed 's/^nccl_line //')"
+      else tail -8 "$OUT/check-nccl.log"; fail "check nccl: FAILED rc $r3: $(grep -aE 'symbol lookup error|Error' "$OUT/check-nccl.log" | tail -1 | cut -c1-300) (NCCL fallback: unpack n1..n6)"; fi
+    fi
     if [ -f "$KIT_SITE/sglang/__init__.py" ] && [ -f "$KIT_SITE/flashinfer/__init__.py" ]; then
       check_rest > "$OUT/check-rest.log" 2>&1; r2=$?; grep -v '^rest_line' "$OUT/check-rest.log" | tail -15
       if [ $r2 = 0 ]; then say "check imports: $(grep '^rest_line' "$OUT/check-rest.log" | sed 's/^rest_line //')"
