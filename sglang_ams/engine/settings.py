@@ -41,9 +41,9 @@ class EngineSettings:
     step_requests: int = setting(0, "ams_step_requests", "at most this many requests compact in one step, the "
                                  "most urgent first, each step as late as the triggers allow (engine/pacing.py): a "
                                  "batch that reaches its triggers together compacts over several short steps within "
-                                 "the batch slack; more only where one would pass its trigger. 0: every ready request compacts in the "
-                                 "step the first reaches its trigger", Int(0, 1 << 16, note=" (0 = no limit)",
-                                                                          show_hi=False))
+                                 "the batch slack; more only where one would pass its trigger. 0: every ready "
+                                 "request compacts in the step the first reaches its trigger",
+                                 Int(0, 1 << 16, note=" (0 = no limit)", show_hi=False))
     workspace_mib: int = setting(0, "ams_workspace_mib", "GPU memory (MiB) a compaction step may use for its "
                                  "temporaries, reserved from the KV budget; 0: the larger of 2 % of the KV budget and "
                                  "one layer of one context-length request under the costliest scorer (a smaller "
