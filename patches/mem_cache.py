@@ -18,6 +18,7 @@ from sglang_ams.engine import runtime as ams_runtime
 from sglang_ams.engine import settings as ams_settings
 from sglang_ams.engine import sglang_compat as compat
 from sglang_ams.engine import workspace as ams_workspace
+from sglang_ams.heads import HeadRange
 
 logger = logging.getLogger("sglang_ams")
 RADIX = "sglang.srt.mem_cache.radix_cache.RadixCache"
@@ -73,9 +74,9 @@ def release_kv_cache_before(req, *args, **kwargs):
 def _kv_dims(model_config, kv_dtype, tp_size: int = 1) -> dict:
     """Per-rank KV shape numbers the reservations are computed from: a TP rank holds its share of the heads
     (SGLang's rule, sglang_ams/heads.py: at least one KV head, replicated when there are more ranks)."""
-    heads = max(1, max(1, model_config.num_key_value_heads) // tp_size)
+    heads = HeadRange.of_rank(0, tp_size, max(1, model_config.num_key_value_heads), model_config.num_attention_heads)
     head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
-    return dict(num_kv_heads=heads, group=model_config.num_attention_heads // tp_size // heads, head_dim=head_dim,
+    return dict(num_kv_heads=heads.kv_count, group=heads.q_count // heads.kv_count, head_dim=head_dim,
                 elem_size=kv_dtype.itemsize)
 
 

@@ -162,14 +162,14 @@ class Compactor:
             ready = self._readiness(req, st, lengths[i])
             if ready != NOT:
                 (due if ready == DUE else join).append(Due(i, req, st, lengths[i], protected_len(req)))
+        candidates = due + join
         limit = self.rt.settings.step_requests
         if not limit:
-            return due + join if due else []
-        # Most urgent first (ties in batch order, the same on every TP rank); each decode step adds one token.
-        left = [trigger_points(self.rt, d.req, d.state.cfg)[0] - d.length for d in due + join]
-        order = sorted(range(len(left)), key=lambda j: left[j])
-        take = pacing.paced_count([left[j] for j in order], limit)
-        return [(due + join)[j] for j in order[:take]]
+            return candidates if due else []
+        # Most urgent first (a stable sort: ties in batch order, the same on every TP rank).
+        urgent = sorted(((trigger_points(self.rt, d.req, d.state.cfg)[0] - d.length, d) for d in candidates),
+                        key=lambda pair: pair[0])
+        return [d for _, d in urgent[:pacing.paced_count([left for left, _ in urgent], limit)]]
 
     # --- the step --------------------------------------------------------------------------------------
     def step(self, batch) -> StepReport:

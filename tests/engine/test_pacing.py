@@ -37,7 +37,6 @@ def test_paced_steps_never_let_a_request_pass_its_trigger(seed):
         take = paced_count(waiting, n)
         forced = max([-(-(i + 1) // (d + 1)) for i, d in enumerate(waiting)], default=0)
         assert take in (0, min(len(waiting), max(n, forced)))
-        assert take <= max(n, forced)
         waiting = [d - 1 for d in waiting[take:]]
         assert all(d >= 0 for d in waiting), "a request passed its trigger"
 

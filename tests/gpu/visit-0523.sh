@@ -9,7 +9,7 @@
 #   call N+1:        bash tests/gpu/visit-0523.sh serve:ams savejit  (carry tools, plugin) while still warm
 #   (the first server JIT-compiles FlashInfer 0.7.2 cold: `serve`, both policies in one call, may pass 600 s)
 # Phases:
-#   unpack N   extract chunk cNN into $KIT_SITE (/tmp/site0523); the last chunk exits 3 if one is missing.
+#   unpack N   extract chunk cNN into $KIT_SITE ($TMP/site0523); the last chunk exits 3 if one is missing.
 #              `unpack nK`: the optional NCCL 2.30.7 chunks n01.. (torch's own pin; the image has 2.28.9)
 #              Small chunks may share a call: `unpack n6 unpack 18` (carry both folders)
 #   check      torch (version, CUDA, a tensor on the GPU, NCCL/cuDNN versions and which files were loaded),
@@ -25,7 +25,7 @@ cd "$(dirname "$0")/../.."
 KIT=.gpu/sglang-0523-kit
 TMP=${TMPDIR:-/tmp}
 OUT=${OUT:-$TMP/visit0523-out}; mkdir -p "$OUT"
-export KIT_SITE=${KIT_SITE:-/tmp/site0523}
+export KIT_SITE=${KIT_SITE:-$TMP/site0523}
 if [ -f "$KIT/tools/env.sh" ]; then source "$KIT/tools/env.sh"
 else  # the chunk-only calls carry no tools/: the same settings inline
   export PYTHONPATH=$KIT_SITE${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 \
