@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # SGLang 0.5.23 (torch 2.14.1) on the GPU machine, from the chunked kit in .gpu/sglang-0523-kit
-# (built on the CPU side by .gpu/sglang-0523-kit/build/build-0523.sh; git-ignored, see its MANIFEST.txt).
+# (built on the CPU side by tests/gpu/build-0523-kit.sh into the git-ignored kit folder; see its MANIFEST.txt).
 # One device call per chunk; the calls must follow each other at once (the machine keeps /tmp only ~30 s):
 #   call k = 1..N-1: bash tests/gpu/visit-0523.sh unpack k           carry .gpu/sglang-0523-kit/cKK
 #     (on the chunk that completes the torch group, MANIFEST's "torch cKK", add `check`: fails fast)
 #   call N:          bash tests/gpu/visit-0523.sh unpack N check serve:none
 #                    carry .gpu/sglang-0523-kit/cNN, .gpu/sglang-0523-kit/tools, .gpu/plugin (the plugin wheel)
-#   call N+1:        bash tests/gpu/visit-0523.sh serve:ams savejit  (carry tools, plugin) while still warm
+#   call N+1:        bash tests/gpu/visit-0523.sh serve:ams,amsbig savejit  (carry tools, plugin) while still warm
 #   (the first server JIT-compiles FlashInfer 0.7.2 cold: `serve`, both policies in one call, may pass 600 s)
 # Phases:
 #   unpack N   extract chunk cNN into $KIT_SITE ($TMP/site0523); the last chunk exits 3 if one is missing.
@@ -16,8 +16,9 @@
 #              a 1-rank NCCL group + all_reduce (torch 2.14.1 on the image's older NCCL),
 #              then sgl_kernel, flashinfer, sglang: version or the error, each on its own
 #   serve      install the plugin wheel into the site, a dummy 1B Llama config, launch_server with
-#              --attention-backend flashinfer, first --kv-policy none, then --kv-policy ams; one /generate each
-#              (serve:none or serve:ams runs one of them)
+#              --attention-backend flashinfer: --kv-policy none, ams (budget 128: every request compacts), amsbig
+#              (budget 8192, above every request: its greedy output must equal none's); each: one greedy
+#              /generate, 96 concurrent mixed requests, the first request again (serve:none,ams picks some)
 #   savejit    the JIT caches into $OUT/jit (FlashInfer 0.7.2, tvm-ffi, Triton 3.8), for a later visit
 # Each phase prints one line starting with "### "; a summary comes last. Exit status: the first failing phase's.
 set -uo pipefail
@@ -93,41 +94,65 @@ print("rest_line " + " | ".join(out)); sys.exit(1 if bad else 0)
 EOF
 }
 
-serve_one() {  # policy: launch, wait, one /generate, stop; prints a pass/fail line
-  local pol=$1 port=$2 M=$TMP/m0523-1b
+serve_one() {  # config: launch, wait, one greedy /generate + a concurrent mixed load, stop; prints a pass/fail line
+  # none: --kv-policy none; ams: budget 128 (every request compacts); amsbig: a budget above every request, whose
+  # greedy output must equal none's (saved by the none run of this visit)
+  local cfg=$1 port=$2 M=$TMP/m0523-1b pol=$1 extra=""
   python3 "$KIT/tools/mkmodel.py" "$M" 1b > /dev/null
-  local extra=""; [ "$pol" = ams ] && extra="--kv-budget 128 --kv-interval 32"
-  local log=$OUT/server-$pol.log ts; ts=$(date +%s)
+  case $cfg in ams) extra="--kv-budget 128 --kv-interval 32";; amsbig) pol=ams; extra="--kv-budget 8192 --kv-interval 512";; esac
+  local log=$OUT/server-$cfg.log ts; ts=$(date +%s)
   setsid python3 -m sglang.launch_server --model-path "$M" --load-format dummy --skip-tokenizer-init \
     --attention-backend flashinfer --port "$port" --mem-fraction-static 0.5 --kv-policy "$pol" $extra > "$log" 2>&1 &
   local pid=$!
   if python3 "$KIT/tools/bench.py" wait --port "$port" --timeout "${SERVE_WAIT:-420}" --pid "$pid" > /dev/null; then
     local up=$(( $(date +%s) - ts ))
-    python3 - "$port" "$pol" "$up" "$log" <<'EOF' > "$OUT/generate-$pol.txt" 2>&1
-import json, sys, time, urllib.request
-port, pol, up, log = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
-n = 300  # > budget + interval: an ams request compacts at least once
-body = {"input_ids": list(range(100, 164)), "sampling_params": {"max_new_tokens": n, "temperature": 0, "ignore_eos": True}}
-t0 = time.time()
-try:
+    python3 - "$port" "$cfg" "$up" "$log" "$OUT" <<'EOF2' > "$OUT/generate-$cfg.txt" 2>&1
+import json, random, sys, time, urllib.request
+from concurrent.futures import ThreadPoolExecutor
+port, cfg, up, log, out = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+def generate(ids, n):
+    body = {"input_ids": ids, "sampling_params": {"max_new_tokens": n, "temperature": 0, "ignore_eos": True}}
     req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
-    r = json.loads(urllib.request.urlopen(req, timeout=300).read())
-    got = len(r.get("output_ids") or [])
-    ams_line = any("sglang-ams: policy" in l for l in open(log, errors="replace"))
-    ok = got == n and (pol != "ams" or ams_line)
-    print(f"serve_line {pol}: {'PASS' if ok else 'FAIL'}: ready {up} s, /generate {got}/{n} tokens in {time.time()-t0:.2f} s"
-          + (f", plugin policy log line {'seen' if ams_line else 'MISSING'}" if pol == "ams" else ""))
-    print(json.dumps(r.get("meta_info", {}))[:800])
-    sys.exit(0 if ok else 1)
+    return json.loads(urllib.request.urlopen(req, timeout=300).read())
+n = 300  # > budget + interval of `ams`: such a request compacts at least once
+notes, ok = [], True
+t0 = time.time()
+try:
+    ids = generate(list(range(100, 164)), n).get("output_ids") or []
+    notes.append(f"/generate {len(ids)}/{n} tokens in {time.time() - t0:.2f} s"); ok &= len(ids) == n
+    json.dump(ids, open(f"{out}/ids-{cfg}.json", "w"))
+    if cfg == "amsbig":
+        try:
+            ref = json.load(open(f"{out}/ids-none.json"))
+            same = ref == ids
+            first = next((i for i, (a, b) in enumerate(zip(ref, ids)) if a != b), None)
+            notes.append("identical to none" if same else f"DIFFERS from none at token {first}"); ok &= same
+        except OSError:
+            notes.append("no ids-none.json to compare (run serve:none first in this visit)"); ok = False
+    rng = random.Random(7)  # mixed load: 96 requests at once, prompts 8-2048 tokens, outputs 16-700
+    jobs = [([rng.randrange(5, 30000) for _ in range(rng.randint(8, 2048))], rng.randint(16, 700)) for _ in range(96)]
+    t1 = time.time()
+    with ThreadPoolExecutor(96) as pool:
+        got = list(pool.map(lambda j: len(generate(*j).get("output_ids") or []), jobs))
+    full = sum(g == j[1] for g, j in zip(got, jobs))
+    notes.append(f"mixed load {full}/{len(jobs)} complete, {sum(got)} tokens in {time.time() - t1:.1f} s"); ok &= full == len(jobs)
+    ids2 = generate(list(range(100, 164)), n).get("output_ids") or []  # the server still answers, and the same
+    notes.append("same output after the load" if ids2 == ids else "output CHANGED after the load"); ok &= ids2 == ids
+    if cfg != "none":
+        seen = any("sglang-ams: policy" in l for l in open(log, errors="replace"))
+        notes.append(f"plugin policy log line {'seen' if seen else 'MISSING'}"); ok &= seen
 except Exception as e:
-    print(f"serve_line {pol}: FAIL: /generate {e!r}"[:400]); sys.exit(1)
-EOF
+    notes.append(f"error {e!r}"[:300]); ok = False
+print(f"serve_line {cfg}: {'PASS' if ok else 'FAIL'}: ready {up} s, " + "; ".join(notes))
+sys.exit(0 if ok else 1)
+EOF2
     local rc=$?
-    say "$(grep -a '^serve_line' "$OUT/generate-$pol.txt" | sed 's/^serve_line //')"
+    say "$(grep -a '^serve_line' "$OUT/generate-$cfg.txt" | sed 's/^serve_line //')"
+    grep -aE "Traceback|Error" "$log" | tail -5
   else
     local rc=1
-    say "serve $pol: FAIL: server not ready after $(( $(date +%s) - ts )) s"; grep -aE "Error|error|Traceback" "$log" | tail -15
+    say "serve $cfg: FAIL: server not ready after $(( $(date +%s) - ts )) s"; grep -aE "Error|error|Traceback" "$log" | tail -15
   fi
   kill -TERM "$pid" 2>/dev/null; for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
   kill -KILL -- -"$pid" 2>/dev/null; sleep 2
@@ -159,13 +184,13 @@ while [ $# -gt 0 ]; do
       if [ $r2 = 0 ]; then say "check imports: $(grep '^rest_line' "$OUT/check-rest.log" | sed 's/^rest_line //')"
       else fail "check imports: $(grep '^rest_line' "$OUT/check-rest.log" | sed 's/^rest_line //')"; fi
     else say "check imports: skipped (sglang/flashinfer not unpacked yet)"; fi;;
-  serve|serve:none|serve:ams)
+  serve|serve:*)
     [ -f "$KIT/tools/mkmodel.py" ] || { fail "serve: carry $KIT/tools"; break; }
     if ls .gpu/plugin/*.whl > /dev/null 2>&1; then
       python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$KIT_SITE" .gpu/plugin/*.whl \
         > "$OUT/pip.log" 2>&1 || { cat "$OUT/pip.log"; fail "serve: plugin install failed"; break; }
     else fail "serve: no plugin wheel in .gpu/plugin"; break; fi
-    case $phase in serve:none) pols=none;; serve:ams) pols=ams;; *) pols="none ams";; esac
+    case $phase in serve) pols="none ams amsbig";; *) pols=${phase#serve:}; pols=${pols//,/ };; esac
     for p in $pols; do serve_one "$p" 30523 || { [ $RC = 0 ] && RC=1; }; done;;
   savejit)
     bash "$KIT/tools/jit-cache.sh" save "$OUT/jit" > "$OUT/jit.log" 2>&1; say "savejit: $(ls "$OUT/jit" 2>/dev/null | tr '\n' ' ')";;
