@@ -32,6 +32,7 @@ else  # the chunk-only calls carry no tools/: the same settings inline
   export PYTHONPATH=$KIT_SITE${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 \
     PYTORCH_SKIP_CUDNN_COMPATIBILITY_CHECK=1
 fi
+IDS=$TMP/visit0523-ids; mkdir -p "$IDS"   # greedy outputs, kept across the calls of one warm visit
 SUMMARY=(); RC=0
 say() { SUMMARY+=("$*"); echo "### $*"; }
 fail() { say "$*"; [ $RC = 0 ] && RC=1; }
@@ -106,10 +107,10 @@ serve_one() {  # config: launch, wait, one greedy /generate + a concurrent mixed
   local pid=$!
   if python3 "$KIT/tools/bench.py" wait --port "$port" --timeout "${SERVE_WAIT:-420}" --pid "$pid" > /dev/null; then
     local up=$(( $(date +%s) - ts ))
-    python3 - "$port" "$cfg" "$up" "$log" "$OUT" <<'EOF2' > "$OUT/generate-$cfg.txt" 2>&1
+    python3 - "$port" "$cfg" "$up" "$log" "$OUT" "$IDS" <<'EOF2' > "$OUT/generate-$cfg.txt" 2>&1
 import json, random, sys, time, urllib.request
 from concurrent.futures import ThreadPoolExecutor
-port, cfg, up, log, out = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+port, cfg, up, log, out, ids_dir = sys.argv[1:7]
 def generate(ids, n):
     body = {"input_ids": ids, "sampling_params": {"max_new_tokens": n, "temperature": 0, "ignore_eos": True}}
     req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", data=json.dumps(body).encode(),
@@ -121,15 +122,15 @@ t0 = time.time()
 try:
     ids = generate(list(range(100, 164)), n).get("output_ids") or []
     notes.append(f"/generate {len(ids)}/{n} tokens in {time.time() - t0:.2f} s"); ok &= len(ids) == n
-    json.dump(ids, open(f"{out}/ids-{cfg}.json", "w"))
+    json.dump(ids, open(f"{ids_dir}/ids-{cfg}.json", "w"))
     if cfg == "amsbig":
         try:
-            ref = json.load(open(f"{out}/ids-none.json"))
+            ref = json.load(open(f"{ids_dir}/ids-none.json"))
             same = ref == ids
             first = next((i for i, (a, b) in enumerate(zip(ref, ids)) if a != b), None)
             notes.append("identical to none" if same else f"DIFFERS from none at token {first}"); ok &= same
         except OSError:
-            notes.append("no ids-none.json to compare (run serve:none first in this visit)"); ok = False
+            notes.append("no ids-none.json to compare (run serve:none first, on this warm machine)"); ok = False
     rng = random.Random(7)  # mixed load: 96 requests at once, prompts 8-2048 tokens, outputs 16-700
     jobs = [([rng.randrange(5, 30000) for _ in range(rng.randint(8, 2048))], rng.randint(16, 700)) for _ in range(96)]
     t1 = time.time()
