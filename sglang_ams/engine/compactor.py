@@ -26,7 +26,7 @@ from ..kernels.gather import gather_dense
 from ..kernels.scoring import window_attention_pool
 from ..scorers.base import Inputs, ScoreInputs
 from ..window_attention import WindowAttention
-from . import pacing, workspace
+from . import pacing, step_profile, workspace
 from .checks import (check_invariants, check_pinned_in_place, free_before, verify_decode_lse, workspace_peak_end,
                      workspace_peak_start)
 from .counters import Timer, now
@@ -179,6 +179,11 @@ class Compactor:
         due = self.due_requests(batch)
         if not due:
             return NOTHING
+        rt = self.rt
+        with step_profile.scope(rt.settings.profile_steps, rt.counters.launches, len(due), rt.device):
+            return self._step(batch, due)
+
+    def _step(self, batch, due: list[Due]) -> StepReport:
         start = now()
         rt = self.rt
         if rt.overlap and rt.forward_stream is not None:

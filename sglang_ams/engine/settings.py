@@ -49,6 +49,9 @@ class EngineSettings:
                                  "one layer of one context-length request under the costliest scorer (a smaller "
                                  "value is refused at startup with that size)",
                                  Int(0, 1 << 24, note=" (0 = automatic)", show_hi=False))
+    profile_steps: int = setting(0, "ams_profile_steps", "profile compaction steps 2 .. N + 1 with torch.profiler "
+                                 "and log a summary of each (kernels, GPU and host time, top operations); a "
+                                 "diagnostic that slows those steps. 0: off", Int(0, 1000, show_hi=False))
     warmup: bool = setting(True, "ams_warmup", "compile the compaction kernels at startup, so the first compaction "
                            "costs what later ones do", Flag())
 
