@@ -1,0 +1,22 @@
+"""benchmarks/selection.py on CPU: the --dry-run checks every row keeps B per (layer, head) and counts the calls."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "selection.py"
+
+
+def test_dry_run_rows():
+    spec = importlib.util.spec_from_file_location("bench_selection", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    rows = module.main(["--dry-run"])
+    assert [(r["policy"], r["requests"]) for r in rows] == [("ams", 1), ("topk", 1), ("ams", 3), ("topk", 3)]
+    ams = [r["launches"] for r in rows if r["policy"] == "ams"]
+    topk = [r["launches"] for r in rows if r["policy"] == "topk"]
+    # vectorised over requests: the call count does not grow with N, and AMS costs more calls than top-k
+    assert ams[0] == ams[1] and topk[0] == topk[1] and ams[0] > topk[0] > 0
+    assert all("gpu_ms" not in r for r in rows)          # no timings on the CPU
