@@ -188,7 +188,8 @@ def plan(args) -> list[dict]:
                 bench = [args.client_python, "-m", "sglang.bench_serving", "--backend", "sglang", "--host", args.host,
                          "--port", str(args.port), "--model", args.model_path, "--tokenizer", args.tokenizer,
                          *wl.bench_args(), "--seed", str(args.seed), "--output-file", str(run_dir / "bench.jsonl"),
-                         "--ready-check-timeout-sec", "0", "--disable-tqdm", *shlex.split(args.bench_args)]
+                         "--ready-check-timeout-sec", "0", "--disable-tqdm", "--output-details",
+                         *shlex.split(args.bench_args)]
                 runs.append(dict(run=run, workload=name, config=config, repeat=repeat, num_prompts=wl.requests,
                                  max_tokens=wl.max_tokens, env=env, run_dir=str(run_dir),
                                  server_cmd=server_command(args.python, args.model_path, args.port, flags, args.host),
@@ -295,7 +296,10 @@ def execute(args, r: dict, env: dict, tag: str) -> dict:
         after = counters(server) if server.alive() else None
         entry.update(rep.counter_deltas(before, after))
         poller.stop()
-        entry.update(rep.bench_metrics(rep.read_bench_output(run_dir / "bench.jsonl")))
+        result = rep.read_bench_output(run_dir / "bench.jsonl")
+        entry.update(rep.bench_metrics(result))
+        entry.update(rep.itl_stalls(result))
+        rep.strip_details(run_dir / "bench.jsonl")
         with (run_dir / "server.log").open(errors="replace") as f:
             f.seek(offset)
             entry["peak_running_log"] = rep.peak_running(f.read())

@@ -41,6 +41,48 @@ def read_bench_output(path) -> dict | None:
     return None
 
 
+# Per-request lists bench_serving writes with --output-details; their ITL statistics are kept, the lists dropped
+DETAIL_KEYS = ("input_lens", "output_lens", "ttfts", "itls", "generated_texts", "errors", "cached_tokens_details")
+STALL_MS = 100.0         # an inter-token gap this long is a stall (a compaction step, a prefill between decodes)
+
+
+def itl_stalls(result: dict | None) -> dict:
+    """From the per-request ITLs (s): the P99 over every request's gaps but its first, stalls >= STALL_MS and the
+    time lost in them, split into first gaps and later ones. A request's first gap is where SGLang's
+    prefill-first scheduling stalls it (other prompts prefill after its first token); later stalls are the
+    decode steps' own (compaction among them). Empty when the result has no ITL lists."""
+    itls = (result or {}).get("itls")
+    if not isinstance(itls, list) or not itls:
+        return {}
+    firsts = [1e3 * r[0] for r in itls if r]
+    later = sorted(1e3 * x for r in itls for x in r[1:])
+    out = {"p99_itl_after_first_ms": round(later[min(len(later) - 1, int(0.99 * len(later)))], 2) if later else None}
+    for name, gaps in (("first", firsts), ("later", later)):
+        stalls = [g for g in gaps if g >= STALL_MS]
+        out[f"stalls_{name}"] = len(stalls)
+        out[f"stall_s_{name}"] = round(sum(stalls) / 1e3, 2)
+    return out
+
+
+def strip_details(path) -> None:
+    """Rewrite a bench_serving output file without the per-request lists (tens of MB for long runs)."""
+    path = Path(path)
+    try:
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    except OSError:
+        return
+    out = []
+    for line in lines:
+        try:
+            data = json.loads(line)
+        except ValueError:
+            out.append(line)
+            continue
+        out.append(json.dumps({k: v for k, v in data.items() if k not in DETAIL_KEYS}) if isinstance(data, dict)
+                   else line)
+    path.write_text("\n".join(out) + "\n")
+
+
 def bench_metrics(result: dict | None) -> dict:
     """The BENCH_KEYS of one bench_serving result (None where missing); duration as duration_s."""
     result = result or {}

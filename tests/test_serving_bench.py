@@ -76,6 +76,23 @@ def test_bench_output_parsing(tmp_path):
     assert m["p99_itl_ms"] is None and m["completed"] == 12 and m["median_tpot_ms"] is None
 
 
+def test_itl_stalls_split_first_gaps_from_later_ones(tmp_path):
+    # three requests (s): a prefill-first stall after the first token of two, one 0.45 s stall later on
+    itls = [[2.0, 0.01, 0.01, 0.45], [0.01, 0.01, 0.02], [5.0, 0.01]]
+    out = rep.itl_stalls({"itls": itls})
+    assert out["stalls_first"] == 2 and out["stall_s_first"] == 7.0
+    assert out["stalls_later"] == 1 and out["stall_s_later"] == 0.45
+    assert out["p99_itl_after_first_ms"] == 450.0          # the largest of the 5 later gaps
+    assert rep.itl_stalls({"itls": []}) == {} and rep.itl_stalls(None) == {} and rep.itl_stalls({}) == {}
+    path = tmp_path / "bench.jsonl"
+    path.write_text(bench_line(itls=itls, ttfts=[1.0, 2.0, 3.0], generated_texts=["a", "b", "c"]) + "\n")
+    rep.strip_details(path)
+    kept = rep.read_bench_output(path)
+    assert "itls" not in kept and "ttfts" not in kept and "generated_texts" not in kept
+    assert rep.bench_metrics(kept) == rep.bench_metrics(json.loads(bench_line()))   # the summary is untouched
+    rep.strip_details(tmp_path / "missing.jsonl")                                   # no file: nothing to do
+
+
 @needs_sglang
 def test_keys_and_flags_exist_in_the_installed_bench_serving(tmp_path):
     """The result keys we read are the ones 0.5.17 writes, and every flag we pass is one it defines."""
@@ -475,3 +492,5 @@ def test_real_bench_serving_against_the_stand_in(stand_ins, tmp_path):
     assert e["error"] is None and e["completed"] == 26 and e["output_throughput"] > 0
     assert e["median_tpot_ms"] > 0 and e["p99_itl_ms"] > 0 and e["mean_ttft_ms"] > 0
     assert e["compactions"] == 27 * 10 and e["peak_running"] >= 1      # + bench_serving's warm-up request
+    assert e["p99_itl_after_first_ms"] > 0 and e["stalls_later"] >= 0     # --output-details reached the entry
+    assert "itls" not in rep.read_bench_output(Path(e["run_dir"]) / "bench.jsonl")     # and was stripped
