@@ -10,7 +10,7 @@
 # past one call's 10 minutes; WAIT_S per call), savejit. Settings (environment):
 #   WORKLOADS  long_reasoning,heavy_pressure,short_chat,long_prompts,shared_prefix (default: short_chat)
 #   CONFIGS    production,ams,topk,full (default production,ams)    REPEATS (2)   FIRST_REPEAT (1)   SCALE (1)
-#   COUNT_SCALE  factor on request counts only (1; 3 makes short_chat and shared_prefix run about a minute)
+#   COUNT_SCALE  factor on request counts only (1; shared_prefix's 192 requests may need 3+ for the 60 s asked)
 #   SERVER_ARGS  flags for every server (default: dummy weights, flashinfer on both sides as in the issue)
 #   POLICY_ARGS  flags for ams/topk servers     LIMIT_S  seconds for the driver (570; it stops its server then)
 #   PORT (30000; tests/gpu/on-gpus.sh gives each job its own)   SV  the results folder ($TMP/serving-$PORT)

@@ -255,7 +255,8 @@ def test_plan_commands(tmp_path):
 def test_workload_shapes_and_scale():
     w = serving.WORKLOADS
     assert (w["heavy_pressure"].prompts, w["heavy_pressure"].output_len) == (512, 8192)
-    assert (w["short_chat"].prompts, w["short_chat"].input_len, w["short_chat"].output_len) == (512, 256, 256)
+    assert (w["short_chat"].prompts, w["short_chat"].input_len, w["short_chat"].output_len) == (4096, 256, 256)
+    assert w["short_chat"].concurrency == 512               # 512 users at a time: the run lasts about a minute
     lp = w["long_prompts"]
     assert lp.prompts == 96 and lp.input_len * lp.range_ratio == 12288 and lp.input_len == 16384
     assert w["long_reasoning"].input_len * w["long_reasoning"].range_ratio == 384
@@ -269,7 +270,8 @@ def test_workload_shapes_and_scale():
     longer = w["shared_prefix"].scaled(1, 3)        # more requests of the same shape, the same concurrency
     assert (longer.groups, longer.per_group, longer.system_len, longer.output_len, longer.concurrency) == \
         (36, 16, 2048, 1024, 128)
-    assert w["short_chat"].scaled(1, 3).prompts == 1536 and w["short_chat"].scaled(1, 3).output_len == 256
+    chat = w["short_chat"].scaled(1, 3)
+    assert (chat.prompts, chat.concurrency, chat.output_len) == (12288, 512, 256)
     with pytest.raises(SystemExit):
         serving.parse_args(["--model-path", "/m", "--configs", "production,vllm"])
     with pytest.raises(SystemExit):
@@ -404,6 +406,7 @@ def test_driver_against_the_stand_in_server(stand_ins, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["--model-path", "fake", "--python", fake_python, "--client-python", client_python,
             "--workloads", "short_chat", "--configs", "production,ams", "--repeats", "1", "--scale", "0.05",
+            "--count-scale", "0.125",
             "--server-args", "--token-ms 20 --decode-log-s 0.05 --max-total-tokens 200",
             "--policy-args", "--kv-budget 4 --kv-interval 2", "--port", str(free_port()), "--out", str(out),
             "--poll-interval", "0.1"]
@@ -448,7 +451,8 @@ def test_driver_stops_its_server_on_sigterm(stand_ins, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, str(BENCH / "serving.py"), "--model-path", "fake", "--python", fake_python,
                              "--client-python", client_python, "--workloads", "short_chat", "--configs", "ams",
-                             "--repeats", "1", "--scale", "0.05", "--port", str(port), "--out", str(out),
+                             "--repeats", "1", "--scale", "0.05", "--count-scale", "0.125", "--port", str(port),
+                             "--out", str(out),
                              "--bench-args=--sleep 120"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         for line in proc.stdout:
@@ -485,7 +489,8 @@ def test_real_bench_serving_against_the_stand_in(stand_ins, tmp_path):
     model = smodel.add_tokenizer(tmp_path / "tok", vocab_size=1000)
     out = tmp_path / "out"
     assert serving.main(["--model-path", str(model), "--python", fake_python, "--workloads", "short_chat",
-                         "--configs", "ams", "--repeats", "1", "--scale", "0.05", "--port", str(free_port()),
+                         "--configs", "ams", "--repeats", "1", "--scale", "0.05", "--count-scale", "0.125",
+                         "--port", str(free_port()),
                          "--server-args", "--token-ms 2 --decode-log-s 0.05 --max-total-tokens 200",
                          "--policy-args", "--kv-budget 4 --kv-interval 2", "--out", str(out)]) == 0
     e = json.loads((out / "summary.json").read_text())["entries"][0]
