@@ -36,16 +36,26 @@ class _Profiled:
         if self.cuda:
             torch.cuda.synchronize(self.device)     # the step's own work only
         self.t0 = time.perf_counter()
-        self.prof.__enter__()
+        try:
+            self.prof.__enter__()
+        except Exception as e:     # a diagnostic never fails a step (e.g. no CUPTI on this machine)
+            logger.warning("sglang-ams: --ams-profile-steps: the profiler did not start (%r); step %d runs unprofiled",
+                           e, self.number)
+            self.prof = None
         return self
 
     def __exit__(self, *exc):
+        if self.prof is None:
+            return False
         if self.cuda:
             torch.cuda.synchronize(self.device)
         wall = time.perf_counter() - self.t0
-        self.prof.__exit__(*exc)
-        if exc[0] is None:
-            logger.info("%s", summary(self.prof, self.number, self.requests, wall, self.cuda))
+        try:
+            self.prof.__exit__(*exc)
+            if exc[0] is None:
+                logger.info("%s", summary(self.prof, self.number, self.requests, wall, self.cuda))
+        except Exception as e:
+            logger.warning("sglang-ams: --ams-profile-steps: no summary of step %d (%r)", self.number, e)
         return False
 
 

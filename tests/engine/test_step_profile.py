@@ -55,3 +55,15 @@ def test_profile_steps_range(bad):
     from sglang_ams.engine.settings import EngineSettings
     with pytest.raises(ConfigError, match="ams_profile_steps|profile"):
         EngineSettings(profile_steps=bad)
+
+
+def test_a_profiler_that_fails_leaves_the_step_alone(monkeypatch, caplog):
+    """No CUPTI, a profiler already running: the step still compacts, the log says why it was not profiled."""
+    plain = run_lockstep(0)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("profiler unavailable")
+    monkeypatch.setattr(step_profile.profile, "__enter__", broken)
+    with caplog.at_level(logging.WARNING, logger="sglang_ams"):
+        assert run_lockstep(2) == plain
+    assert sum("the profiler did not start" in r.getMessage() for r in caplog.records) == 2
