@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..transfer import to_device
 from .scoring import tl_kv_dtype
 
 
@@ -187,7 +188,8 @@ def tail_slots(req_to_token: torch.Tensor, rows: Sequence[int], start: torch.Ten
     first_pos = start[owner] + index_in_tail * page_size            # row position of each freed page's first token
     row = torch.as_tensor(rows, dtype=torch.int64).reshape(-1)[owner]
     device = req_to_token.device
-    first_slot = req_to_token[row.to(device), first_pos.to(device)].to(torch.int64)
+    first_slot = req_to_token[to_device(row, torch.int64, device), to_device(first_pos, torch.int64, device)]
+    first_slot = first_slot.to(torch.int64)
     return (first_slot[:, None] + torch.arange(page_size, device=device)).reshape(-1)
 
 

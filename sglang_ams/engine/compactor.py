@@ -25,6 +25,7 @@ from ..kernels.compaction import compact_kv, tail_pages, tail_slots
 from ..kernels.gather import gather_dense
 from ..kernels.scoring import window_attention_pool
 from ..scorers.base import Inputs, ScoreInputs
+from ..transfer import to_device
 from ..window_attention import WindowAttention
 from . import pacing, step_profile, workspace
 from .checks import (check_invariants, check_pinned_in_place, free_before, verify_decode_lse, workspace_peak_end,
@@ -247,10 +248,10 @@ class Compactor:
         rt, dev = self.rt, self.rt.device
         return Launch(
             layers, rt.k_ptrs[layers.start:layers.stop], rt.v_ptrs[layers.start:layers.stop],
-            rows=torch.tensor([pool_idx(d.req) for d in items], dtype=torch.int64, device=dev),
-            lengths=torch.tensor([d.length for d in items], dtype=torch.int32, device=dev),
-            n_keep=torch.tensor([d.keep for d in items], dtype=torch.int64, device=dev),
-            n_pinned=torch.tensor([d.pinned for d in items], dtype=torch.int64, device=dev),
+            rows=to_device([pool_idx(d.req) for d in items], torch.int64, dev),
+            lengths=to_device([d.length for d in items], torch.int32, dev),
+            n_keep=to_device([d.keep for d in items], torch.int64, dev),
+            n_pinned=to_device([d.pinned for d in items], torch.int64, dev),
             t_max=max(d.length for d in items), k_max=max(d.keep for d in items))
 
     def _inputs(self, items: list[Due], launch: Launch):
@@ -267,9 +268,9 @@ class Compactor:
         queries = query_pos = attn = row_lse = None
         decode_lse = False
         if need.reads_window or need.positions:      # logical position of each request's newest query
-            newest = torch.tensor([d.length - 1 + d.state.pos_offset for d in items], dtype=torch.int64, device=dev)
+            newest = to_device([d.length - 1 + d.state.pos_offset for d in items], torch.int64, dev)
         if need.reads_window:
-            ring_rows = torch.tensor([d.state.ring_row for d in items], dtype=torch.int64, device=dev)
+            ring_rows = to_device([d.state.ring_row for d in items], torch.int64, dev)
             queries, query_pos = rt.ring.window_queries(ring_rows, newest, layers)
         elif need.positions:        # (the ring's positions without its queries: the last W logical positions)
             query_pos = newest[:, None] - (cfg.window - 1) + torch.arange(cfg.window, device=dev)[None, :]
@@ -326,7 +327,7 @@ class Compactor:
                 d.credit_parts.clear()
             st.release_ring_row(rt.ring, pool_idx(d.req))
             offsets.append(st.pos_offset)
-        rt.pos_offsets[rows] = torch.tensor(offsets, dtype=torch.int64, device=rt.device)
+        rt.pos_offsets[rows] = to_device(offsets, torch.int64, rt.device)
         return freed
 
     def _dense_kv(self, need: Inputs, k_ptrs, v_ptrs, rows, lengths, n, nl, t_max):
@@ -360,9 +361,7 @@ class Compactor:
             delta[d.index] = d.length - d.keep
         delta_cpu = torch.tensor(delta, dtype=batch.seq_lens_cpu.dtype)
         batch.seq_lens_cpu = batch.seq_lens_cpu - delta_cpu
-        if batch.seq_lens.is_cuda:
-            delta_cpu = delta_cpu.pin_memory()
-        delta_dev = delta_cpu.to(batch.seq_lens.device, non_blocking=True)
+        delta_dev = to_device(delta_cpu, delta_cpu.dtype, batch.seq_lens.device)
         batch.seq_lens = batch.seq_lens - delta_dev.to(batch.seq_lens.dtype)
         if getattr(batch, "orig_seq_lens", None) is not None:
             batch.orig_seq_lens = batch.orig_seq_lens - delta_dev.to(batch.orig_seq_lens.dtype)
