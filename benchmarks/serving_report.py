@@ -17,6 +17,8 @@ BENCH_KEYS = ("output_throughput", "median_tpot_ms", "p99_itl_ms", "mean_ttft_ms
 # sglang_ams counters (internal_states[i]["sglang_ams"]) whose deltas an entry keeps, under these names
 COUNTERS = {"compactions": "compactions", "launches": "compaction_steps", "tokens_freed": "tokens_freed",
             "score_gpu_ms": "score_gpu_ms", "compact_gpu_ms": "compact_gpu_ms", "host_seconds": "host_seconds"}
+# ... and maxima, taken as the server reports them at the end (one server per run, so since its start)
+MAXIMA = {"step_gpu_ms_max": "longest_step_gpu_ms", "step_seconds_max": "longest_step_host_s"}
 PROM_COUNTERS = {"compactions": "sglang_ams:compactions_total", "launches": "sglang_ams:compaction_steps_total",
                  "tokens_freed": "sglang_ams:tokens_freed_total", "host_seconds": "sglang_ams:host_seconds_total"}
 # "Decode batch, #running-req: 24, ..." (every --decode-log-interval = 40 decode steps) and the prefill line's
@@ -131,6 +133,10 @@ def ams_counters(server_info: dict | None) -> dict | None:
             value = _number((ams or {}).get(key))
             if value is not None:
                 total[key] = total.get(key, 0) + value
+        for key in MAXIMA:
+            value = _number((ams or {}).get(key))
+            if value is not None:
+                total[key] = max(total.get(key, value), value)
     return total
 
 
@@ -144,8 +150,8 @@ def prometheus_counters(values: dict | None) -> dict | None:
 def counter_deltas(before: dict | None, after: dict | None) -> dict:
     """{entry name: after - before}; all None when either side is unknown, 0 for counters the server lacks."""
     if before is None or after is None:
-        return {name: None for name in COUNTERS.values()}
-    out = {}
+        return {name: None for name in (*COUNTERS.values(), *MAXIMA.values())}
+    out = {name: after.get(key) for key, name in MAXIMA.items()}
     for key, name in COUNTERS.items():
         if key not in after and key not in before:
             out[name] = 0

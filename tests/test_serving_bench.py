@@ -143,6 +143,11 @@ def test_counters_from_server_info():
     d = rep.counter_deltas(before, after)
     assert d["compactions"] == 11 and d["compaction_steps"] == 4 and d["tokens_freed"] == 500
     assert d["host_seconds"] == 0.5 and d["score_gpu_ms"] == 0
+    assert d["longest_step_gpu_ms"] is None                  # a server without the maximum: unknown, not 0
+    info["internal_states"][0]["sglang_ams"]["step_gpu_ms_max"] = 12.5
+    info["internal_states"][1]["sglang_ams"]["step_gpu_ms_max"] = 30.0
+    d = rep.counter_deltas(before, rep.ams_counters(info))
+    assert d["longest_step_gpu_ms"] == 30.0 and d["compactions"] == 11   # a maximum over schedulers, not a sum
     # production: the server answers without the plugin's counters -> 0; no answer -> unknown
     plain = rep.ams_counters({"internal_states": [{"avg_spec_accept_length": None}]})
     assert plain == {} and rep.counter_deltas(plain, plain)["compactions"] == 0

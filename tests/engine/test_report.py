@@ -52,3 +52,34 @@ def test_a_layer_chunked_step_reports_every_chunk_and_commits_once():
     assert env.rt.counters.tokens_freed == sum(r.dropped for r in step.requests) == 50 + 17
     assert all(c.trace is None and c.gpu_marks == (None, None, None) for c in step.chunks)
     assert batch.seq_lens_cpu.tolist() == [40 + 2, 40 + 2]               # two decode steps since
+
+
+class FakeEvent:
+    """A CUDA event stand-in: recorded at `t` ms, completed unless told otherwise."""
+    def __init__(self, t, done=True):
+        self.t, self.done = t, done
+
+    def query(self):
+        return self.done
+
+    def elapsed_time(self, end):
+        return end.t - self.t
+
+
+def test_the_longest_step_on_the_gpu_spans_its_chunks_and_skips_the_first_step():
+    def chunk(t0, t1, t2):
+        return report_mod.ChunkReport(CFG, range(0, LAYERS), (), True, True, False,
+                                      gpu_marks=(FakeEvent(t0), FakeEvent(t1), FakeEvent(t2)))
+    c = Counters()
+    c.step_done(report_mod.StepReport((chunk(0, 90, 100),), host_seconds=0.2))           # first: compile, cold
+    c.step_done(report_mod.StepReport((chunk(200, 205, 207), chunk(207, 230, 236)), host_seconds=0.01))
+    c.step_done(report_mod.StepReport((chunk(300, 310, 312),), host_seconds=0.01))
+    late = FakeEvent(500, done=False)
+    c.step_done(report_mod.StepReport((report_mod.ChunkReport(CFG, range(0, LAYERS), (), True, True, False,
+                                                              gpu_marks=(FakeEvent(400), late, late)),), 0.01))
+    c.harvest()
+    assert c.step_gpu_ms_max == 36                  # 200 -> 236: both chunks of the second step
+    assert (c.score_gpu_ms, c.compact_gpu_ms) == (90 + 5 + 23 + 10, 10 + 2 + 6 + 2)
+    late.done = True
+    c.harvest()                                     # a span still running is read once it has completed
+    assert c.step_gpu_ms_max == 100 and "on the GPU 100 ms" in c.summary()
