@@ -17,8 +17,9 @@
 #              then sgl_kernel, flashinfer, sglang: version or the error, each on its own
 #   serve      install the plugin wheel into the site, a dummy 1B Llama config, launch_server with
 #              --attention-backend flashinfer: --kv-policy none, ams (budget 128: every request compacts), amsbig
-#              (budget 8192, above every request: its greedy output must equal none's); each: one greedy
-#              /generate, 96 concurrent mixed requests, the first request again (serve:none,ams picks some)
+#              (budget 8192, above every request: its greedy outputs must equal none's); each: 7 greedy
+#              /generate one at a time (prompts 16-1500 tokens, 300 out), 96 concurrent mixed requests, the first
+#              request again (serve:none,ams picks some)
 #   savejit    the JIT caches into $OUT/jit (FlashInfer 0.7.2, tvm-ffi, Triton 3.8), for a later visit
 # Each phase prints one line starting with "### "; a summary comes last. Exit status: the first failing phase's.
 set -uo pipefail
@@ -122,13 +123,18 @@ t0 = time.time()
 try:
     ids = generate(list(range(100, 164)), n).get("output_ids") or []
     notes.append(f"/generate {len(ids)}/{n} tokens in {time.time() - t0:.2f} s"); ok &= len(ids) == n
-    json.dump(ids, open(f"{ids_dir}/ids-{cfg}.json", "w"))
+    # greedy outputs of 6 prompts (16-1500 tokens), one at a time so that both servers batch them alike
+    lengths = (16, 64, 200, 500, 1000, 1500)
+    prompts = [list(range(200 + 31 * k, 200 + 31 * k + length)) for k, length in enumerate(lengths)]
+    outs = [ids] + [generate(p, n).get("output_ids") or [] for p in prompts]
+    json.dump(outs, open(f"{ids_dir}/ids-{cfg}.json", "w"))
     if cfg == "amsbig":
         try:
             ref = json.load(open(f"{ids_dir}/ids-none.json"))
-            same = ref == ids
-            first = next((i for i, (a, b) in enumerate(zip(ref, ids)) if a != b), None)
-            notes.append("identical to none" if same else f"DIFFERS from none at token {first}"); ok &= same
+            same = sum(a == b for a, b in zip(ref, outs))
+            first = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None) for a, b in zip(ref, outs)]
+            notes.append(f"identical to none: {same}/{len(outs)}" + ("" if same == len(outs) else
+                         f" (first differing token per request: {first})")); ok &= same == len(outs)
         except OSError:
             notes.append("no ids-none.json to compare (run serve:none first, on this warm machine)"); ok = False
     rng = random.Random(7)  # mixed load: 96 requests at once, prompts 8-2048 tokens, outputs 16-700
