@@ -213,7 +213,8 @@ def load_summary(folder) -> dict:
 
 ENTRY_COLUMNS = ("workload", "config", "repeat", "output_throughput", "engine_output_throughput", "median_tpot_ms",
                  "p99_itl_ms", "mean_ttft_ms", "peak_running", "completed", "num_prompts", "compactions", "duration_s",
-                 "engine_span_s", "error")
+                 "engine_span_s", "p99_itl_after_first_ms", "stall_s_first", "stall_s_later", "longest_step_gpu_ms",
+                 "error")
 AGG_COLUMNS = ("workload", "config", "repeats", "output_throughput", "throughput_vs_production",
                "engine_output_throughput", "engine_vs_production", "p99_itl_ms",
                "p99_itl_vs_production", "mean_ttft_ms", "ttft_vs_production", "median_tpot_ms", "peak_running",
