@@ -10,12 +10,19 @@
 #   tools/      env.sh, mkmodel.py, bench.py, jit-cache.sh
 #   MANIFEST.txt
 # tests/gpu/visit-0523.sh runs the chain on the GPU machine. Knobs: CHUNK_MIB=40, XZ_LEVEL=6, WORK=$TMP/kit0523-work.
+# LIGHT=1 builds the light variant instead (default TARGET .gpu/sglang-0523-light, a few chunks): SGLang 0.5.23's
+# Python, FlashInfer 0.7.2 and the serving stack on the image's own torch 2.11, with sglang-kernel 0.4.5 (built for
+# torch 2.11; 0.5.23's CUDA serve path imports nothing from sgl_kernel that 0.4.5 lacks, by a static check of its
+# imports) and SGLang's Python radix-tree core. Not the stack a user installs, but it runs our hooks on 0.5.23 on a
+# GPU in a few calls instead of sixteen.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-TARGET=${1:-.gpu/sglang-0523-kit}
+LIGHT=${LIGHT:-0}
+if [ "$LIGHT" = 1 ]; then TARGET=${1:-.gpu/sglang-0523-light}; else TARGET=${1:-.gpu/sglang-0523-kit}; fi
 CHUNK_MIB=${CHUNK_MIB:-40}
 XZ_LEVEL=${XZ_LEVEL:-6}
-WORK=${WORK:-${TMPDIR:-/tmp}/kit0523-work}
+WORK=${WORK:-${TMPDIR:-/tmp}/kit0523-work$([ "$LIGHT" = 1 ] && echo -light)}
+WHEELS=${WHEELS:-${TMPDIR:-/tmp}/kit0523-work/wheels}       # one download cache for both variants
 SHARED_TOOLS=${SHARED_TOOLS:-../shared/gpu/tools}
 HERE=tests/gpu
 
@@ -68,18 +75,22 @@ cffi==2.1.1
 pycparser==3.12
 "
 NCCL_PIN=nvidia-nccl-cu13==2.30.7
+if [ "$LIGHT" = 1 ]; then       # the image's torch, triton and torchvision; the kernel build for torch 2.11
+  PINS=$(echo "$PINS" | grep -vE '^(torch|triton|torchvision)==' | sed 's/^sglang-kernel==0.4.10$/sglang-kernel==0.4.5/')
+  NCCL_PIN=""
+fi
 PLAT=""
 for t in manylinux_2_34 manylinux_2_28 manylinux_2_27 manylinux_2_18 manylinux_2_17 manylinux2014 manylinux_2_5 manylinux1; do
   PLAT="$PLAT --platform ${t}_x86_64"; done
 PIPX="--only-binary=:all: --python-version 3.12 --implementation cp $PLAT"
 
-mkdir -p "$WORK/wheels" "$TARGET"
-echo "$PINS" | grep -v '^$' > "$WORK/pins.txt"; echo "$NCCL_PIN" > "$WORK/pins-nccl.txt"
-echo "== 1/5 download (cp312, cached in $WORK/wheels)"
-python3 -m pip download -q --no-deps $PIPX -d "$WORK/wheels" -r "$WORK/pins.txt" -r "$WORK/pins-nccl.txt" 2>&1 | grep -v '^WARNING' || true
+mkdir -p "$WORK" "$WHEELS" "$TARGET"
+echo "$PINS" | grep -v '^$' > "$WORK/pins.txt"; echo "$NCCL_PIN" | grep -v '^$' > "$WORK/pins-nccl.txt" || true
+echo "== 1/5 download (cp312, cached in $WHEELS)"
+python3 -m pip download -q --no-deps $PIPX -d "$WHEELS" -r "$WORK/pins.txt" -r "$WORK/pins-nccl.txt" 2>&1 | grep -v '^WARNING' || true
 
 select_wheels() {  # pins-file -> one wheel path per pin (a reused cache may hold other versions)
-  python3 - "$WORK/wheels" "$1" <<'EOF'
+  python3 - "$WHEELS" "$1" <<'EOF'
 import os, re, sys
 wdir, pins = sys.argv[1], sys.argv[2]
 norm = lambda s: re.sub(r"[-_.]+", "_", s).lower()
@@ -99,20 +110,23 @@ SITE=$WORK/site; NSITE=$WORK/site-nccl
 rm -rf "$SITE" "$NSITE"; mkdir -p "$SITE" "$NSITE"
 # shellcheck disable=SC2046
 python3 -m pip install -q --no-deps --no-compile --target "$SITE" $PIPX $(select_wheels "$WORK/pins.txt") 2>&1 | grep -v '^WARNING' || true
-# shellcheck disable=SC2046
-python3 -m pip install -q --no-deps --no-compile --target "$NSITE" $PIPX $(select_wheels "$WORK/pins-nccl.txt") 2>&1 | grep -v '^WARNING' || true
-[ -f "$SITE/sglang/__init__.py" ] && [ -f "$SITE/torch/__init__.py" ] || { echo "install failed"; exit 1; }
+if [ -s "$WORK/pins-nccl.txt" ]; then
+  # shellcheck disable=SC2046
+  python3 -m pip install -q --no-deps --no-compile --target "$NSITE" $PIPX $(select_wheels "$WORK/pins-nccl.txt") 2>&1 | grep -v '^WARNING' || true
+fi
+[ -f "$SITE/sglang/__init__.py" ] && { [ "$LIGHT" = 1 ] || [ -f "$SITE/torch/__init__.py" ]; } || { echo "install failed"; exit 1; }
 
 echo "== 3/5 trim and add the NCCL shim"
 rm -f "$SITE"/sgl_kernel/flash_ops*.so "$SITE"/sgl_kernel/*/flash_ops*.so   # FA3: only --attention-backend fa3
 rm -rf "$SITE/sgl_kernel/sm100"                                            # Blackwell; an H100/H200 is sm90
 rm -rf "$SITE/triton/backends/amd"                                         # ROCm backend, and its entry point:
-sed -i '/^amd *=/d' "$SITE"/triton-*.dist-info/entry_points.txt            # triton imports every one listed
+for f in "$SITE"/triton-*.dist-info/entry_points.txt; do   # triton imports every backend listed
+  [ -f "$f" ] && sed -i '/^amd *=/d' "$f"; done
 rm -rf "$SITE"/triton/backends/nvidia/lib/cupti-blackwell "$SITE"/triton/backends/nvidia/bin/ptxas-blackwell  # sm100+
 rm -f "$SITE/xgrammar/lib/libxgrammar.a"
 rm -rf "$SITE/bin"                                                         # scripts with this machine's shebang
 find "$SITE" -name __pycache__ -prune -exec rm -rf {} +
-cp "$HERE/kit0523_sitecustomize.py" "$SITE/sitecustomize.py"
+[ "$LIGHT" = 1 ] || cp "$HERE/kit0523_sitecustomize.py" "$SITE/sitecustomize.py"   # (the image's torch needs none)
 du -sh "$SITE" "$NSITE"
 
 echo "== 4/5 one .tar.xz per distribution (xz -$XZ_LEVEL), split where larger than a chunk"
@@ -146,7 +160,7 @@ pack_site() {  # site parts-dir
     fi
   done < "$dst.groups.tsv"
 }
-pack_site "$SITE" "$PARTS/c"; pack_site "$NSITE" "$PARTS/n"
+pack_site "$SITE" "$PARTS/c"; [ -s "$WORK/pins-nccl.txt" ] && pack_site "$NSITE" "$PARTS/n"
 
 echo "== 5/5 chunks of <= $CHUNK_MIB MiB into $TARGET"
 rm -rf "$TARGET"/c[0-9]* "$TARGET"/n[0-9]* "$TARGET/tools"
@@ -177,15 +191,18 @@ EOF
 for d in "$TARGET"/[cn][0-9]*; do cp "$HERE/kit0523-unpack.sh" "$d/unpack.sh"; done
 mkdir -p "$TARGET/tools"
 cp "$SHARED_TOOLS/mkmodel.py" "$SHARED_TOOLS/bench.py" "$SHARED_TOOLS/jit-cache.sh" "$TARGET/tools/"
-cat > "$TARGET/tools/env.sh" <<'EOF'
+SITE_NAME=site0523$([ "$LIGHT" = 1 ] && echo l)      # visit-0523.sh picks the same name from the kit's folder name
+cat > "$TARGET/tools/env.sh" <<EOF
 # source tools/env.sh: the kit's site first on PYTHONPATH, offline, cuDNN 9.19 accepted by torch 2.14.1
-export KIT_SITE=${KIT_SITE:-${TMPDIR:-/tmp}/site0523}
-case ":${PYTHONPATH:-}:" in *":$KIT_SITE:"*) ;; *) export PYTHONPATH=$KIT_SITE${PYTHONPATH:+:$PYTHONPATH};; esac
+export KIT_SITE=\${KIT_SITE:-\${TMPDIR:-/tmp}/$SITE_NAME}
+case ":\${PYTHONPATH:-}:" in *":\$KIT_SITE:"*) ;; *) export PYTHONPATH=\$KIT_SITE\${PYTHONPATH:+:\$PYTHONPATH};; esac
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 DO_NOT_TRACK=1 PYTHONUNBUFFERED=1
 export TOKENIZERS_PARALLELISM=false PYTORCH_SKIP_CUDNN_COMPATIBILITY_CHECK=1
 EOF
+# light: 0.5.23's Rust radix-tree core is built for torch 2.14 and cannot read torch 2.11 tensors (as in .ci/run)
+[ "$LIGHT" = 1 ] && echo "export SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND=python" >> "$TARGET/tools/env.sh"
 {
-  echo "# SGLang 0.5.23 GPU kit, built $(date -u +%FT%TZ) by tests/gpu/build-0523-kit.sh"
+  echo "# SGLang 0.5.23 GPU kit$([ "$LIGHT" = 1 ] && echo ", light variant"), built $(date -u +%FT%TZ) by tests/gpu/build-0523-kit.sh"
   echo "# wheels (bytes, file)"
   for w in $(select_wheels "$WORK/pins.txt") $(select_wheels "$WORK/pins-nccl.txt"); do
     printf '%s  %s\n' "$(stat -c %s "$w")" "$(basename "$w")"; done

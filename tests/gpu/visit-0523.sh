@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# SGLang 0.5.23 (torch 2.14.1) on the GPU machine, from the chunked kit in .gpu/sglang-0523-kit
+# SGLang 0.5.23 (torch 2.14.1) on the GPU machine, from the chunked kit in .gpu/sglang-0523-kit (or, with
+# KIT=.gpu/sglang-0523-light, the light variant on the image's torch 2.11: its few chunks the same way)
 # (built on the CPU side by tests/gpu/build-0523-kit.sh into the git-ignored kit folder; see its MANIFEST.txt).
 # One device call per chunk; the calls must follow each other at once (the machine keeps /tmp only ~30 s):
 #   call k = 1..N-1: bash tests/gpu/visit-0523.sh unpack k           carry .gpu/sglang-0523-kit/cKK
@@ -24,10 +25,11 @@
 # Each phase prints one line starting with "### "; a summary comes last. Exit status: the first failing phase's.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-KIT=.gpu/sglang-0523-kit
+KIT=${KIT:-.gpu/sglang-0523-kit}     # KIT=.gpu/sglang-0523-light: the light variant (build-0523-kit.sh LIGHT=1)
 TMP=${TMPDIR:-/tmp}
 OUT=${OUT:-$TMP/visit0523-out}; mkdir -p "$OUT"
-export KIT_SITE=${KIT_SITE:-$TMP/site0523}
+case $KIT in *light*) export KIT_SITE=${KIT_SITE:-$TMP/site0523l} SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND=python;;
+             *) export KIT_SITE=${KIT_SITE:-$TMP/site0523};; esac
 if [ -f "$KIT/tools/env.sh" ]; then source "$KIT/tools/env.sh"
 else  # the chunk-only calls carry no tools/: the same settings inline
   export PYTHONPATH=$KIT_SITE${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 \
