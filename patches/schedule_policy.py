@@ -19,7 +19,8 @@ def running_offset_hook(orig, self, req):
     rt, st = request_state.lookup(req)
     if st is None:
         return value
-    bound = admission.running_reservation(compat.committed_len(req), compat.protected_len(req), st.cfg)
+    bound = admission.running_reservation(compat.committed_len(req), compat.protected_len(req), st.cfg,
+                                          rt.settings.overdue_wait(st.cfg.interval))
     return min(value, bound)
 
 
@@ -32,7 +33,8 @@ def _clamped(orig, self, req, *args, **kwargs):
     saved = sp.max_new_tokens
     done = len(req.output_ids)
     prompt_len = len(req.origin_input_ids) + done
-    new = admission.admission_new_tokens(prompt_len, _pinned_at_admission(rt, req), max(saved - done, 0), st.cfg)
+    new = admission.admission_new_tokens(prompt_len, _pinned_at_admission(rt, req), max(saved - done, 0), st.cfg,
+                                         rt.settings.overdue_wait(st.cfg.interval))
     sp.max_new_tokens = done + new
     try:
         return orig(self, req, *args, **kwargs)

@@ -168,9 +168,18 @@ class Compactor:
         if not limit:
             return candidates if due else []
         # Most urgent first (a stable sort: ties in batch order, the same on every TP rank).
-        urgent = sorted(((trigger_points(self.rt, d.req, d.state.cfg)[0] - d.length, d) for d in candidates),
-                        key=lambda pair: pair[0])
+        urgent = sorted(((self._deadline(d) - d.length, d) for d in candidates), key=lambda pair: pair[0])
         return [d for _, d in urgent[:pacing.paced_count([left for left, _ in urgent], limit)]]
+
+    def _deadline(self, d: Due) -> int:
+        """The length by which a ready request must compact under pacing: its trigger, or, for one that became
+        ready already past it (a long prompt, or a wait for a ring row), that length plus the overdue wait
+        admission reserved (EngineSettings.overdue_wait)."""
+        st = d.state
+        cap = trigger_points(self.rt, d.req, st.cfg)[0]
+        if d.length > cap and not st.overdue_since:
+            st.overdue_since = d.length
+        return st.overdue_since + self.rt.settings.overdue_wait(st.cfg.interval) if st.overdue_since else cap
 
     # --- the step --------------------------------------------------------------------------------------
     def step(self, batch) -> StepReport:
@@ -321,6 +330,7 @@ class Compactor:
             st.pos_offset += dropped
             st.compacted = True
             st.compactions += 1
+            st.overdue_since = 0
             if d.credit_parts:
                 # (cat copies: the chunk's selection tensors are not kept alive by views into them)
                 st.credit = torch.cat(d.credit_parts, dim=0)

@@ -3,8 +3,9 @@
 A batch whose requests started together reaches its triggers together, and one compaction step over all of them
 stalls decode for many step-times. With N > 0 a step compacts at most N requests, the most urgent first, and
 runs as late as the triggers allow: it is skipped while N per step from the next step on still compacts every
-ready request before its trigger, and takes more than N only when fewer would let one pass it. A request never
-holds more than its trigger's tokens, so memory stays what admission reserved.
+ready request before its deadline, and takes more than N only when fewer would let one pass it. The deadline is
+the trigger; for a request that became ready already past it (a long prompt), that length plus the overdue wait
+(Compactor._deadline). Either way a request never holds more than admission reserved for it.
 """
 from __future__ import annotations
 

@@ -25,6 +25,7 @@ class RequestState:
     ring_start: int = -1                   # physical length when the ring row started collecting
     ring_lse: bool = True                  # every query of the row came with its decode-attention LSE
     credit: torch.Tensor | None = None     # [L, H, kept] EMA credit of the kept tokens
+    overdue_since: int = 0                 # length at which it became ready already past its trigger (0: not)
 
     def release_ring_row(self, ring, req_pool_idx: int | None) -> None:
         """Give the query-ring row back (after a compaction, or when SGLang releases the request's KV): the next

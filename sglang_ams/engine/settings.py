@@ -41,8 +41,10 @@ class EngineSettings:
     step_requests: int = setting(0, "ams_step_requests", "at most this many requests compact in one step, the "
                                  "most urgent first, each step as late as the triggers allow (engine/pacing.py): a "
                                  "batch that reaches its triggers together compacts over several short steps within "
-                                 "the batch slack; more only where one would pass its trigger. 0: every ready "
-                                 "request compacts in the step the first reaches its trigger",
+                                 "the batch slack; more only where one would pass its trigger. A request already "
+                                 "past its trigger when it becomes ready (a long prompt) may wait up to the batch "
+                                 "slack in tokens, which admission reserves for it. 0: every ready request "
+                                 "compacts in the step the first reaches its trigger",
                                  Int(0, 1 << 16, note=" (0 = no limit)", show_hi=False))
     workspace_mib: int = setting(0, "ams_workspace_mib", "GPU memory (MiB) a compaction step may use for its "
                                  "temporaries, reserved from the KV budget; 0: the larger of 2 % of the KV budget and "
@@ -63,6 +65,11 @@ class EngineSettings:
     def slack_tokens(self, interval: int) -> int:
         """Tokens before its trigger at which a request joins another request's compaction (< interval)."""
         return min(interval - 1, int(self.batch_slack * interval))
+
+    def overdue_wait(self, interval: int) -> int:
+        """Tokens a request already past its trigger when it becomes ready may wait under --ams-step-requests
+        (so that a wave of long prompts spreads over steps too); 0 without pacing."""
+        return self.slack_tokens(interval) if self.step_requests else 0
 
     @property
     def enabled(self) -> bool:

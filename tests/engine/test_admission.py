@@ -33,15 +33,29 @@ def test_admission_arithmetic():
     assert admission.running_reservation(1500, 0, ams) == 36
     assert admission.running_reservation(1530, 0, ams) == 10
     assert admission.running_reservation(1600, 0, stream) == 2
+    # Under pacing a request that can become ready only past the cap (within a lead of it) may wait
+    # `overdue_wait` more tokens, and that is reserved; further below nothing changes (pacing compacts those by
+    # their trigger).
+    assert admission.admission_new_tokens(2000, 0, 4000, ams, 256) == 266
+    assert admission.admission_new_tokens(1530, 0, 4000, ams, 256) == 266
+    assert admission.admission_new_tokens(1526, 0, 4000, ams, 256) == 10
+    assert admission.admission_new_tokens(1000, 0, 4000, ams, 256) == 536
+    assert admission.running_reservation(1600, 0, ams, 256) == 266
+    assert admission.running_reservation(1530, 0, ams, 256) == 266
+    assert admission.running_reservation(1500, 0, ams, 256) == 36
 
 
+@pytest.mark.parametrize("step_requests", [0, 1])   # without and with pacing (its overdue wait)
 @pytest.mark.parametrize("policy", ["ams", "streaming"])
 @pytest.mark.parametrize("prompt", [30, 50, 60])    # below cap - window, between, past the cap (cap 56)
-def test_admission_bounds_what_requests_hold(policy, prompt):
+def test_admission_bounds_what_requests_hold(policy, prompt, step_requests):
     """Drive the real loop: the most KV a request holds before its first compaction is exactly its prompt plus
     what admission reserves, and the running reservation bounds what is left at every step."""
     cfg = CFG.replace(policy=policy)
-    env = make_env(policy=CFG)       # server ams (query ring); the request overrides the policy
+    # server ams (query ring); the request overrides it. With pacing, a batch slack of 8 tokens: the overdue wait
+    env = make_env(policy=CFG, step_requests=step_requests, batch_slack=0.5 if step_requests else 0.0)
+    wait = env.rt.settings.overdue_wait(cfg.interval)
+    assert wait == (8 if step_requests else 0)
     req = add_request(env, "r", list(range(2000, 2000 + prompt)), override={"policy": policy})
     batch = make_batch(env, [req])
     lengths = []
@@ -50,9 +64,9 @@ def test_admission_bounds_what_requests_hold(policy, prompt):
         batch.prepare_for_decode()
         forward(env, batch)
     peak = compat.committed_len(req)
-    assert peak - prompt == admission.admission_new_tokens(prompt, 0, 4096, cfg)
+    assert peak - prompt == admission.admission_new_tokens(prompt, 0, 4096, cfg, wait)
     for length in lengths:
-        assert peak - length <= admission.running_reservation(length, 0, cfg)
+        assert peak - length <= admission.running_reservation(length, 0, cfg, wait)
 
 
 def test_admission_hooks():

@@ -5,11 +5,12 @@ import random
 
 import pytest
 
-from sglang_ams.engine import request_state
+from sglang_ams.engine import admission, request_state
+from sglang_ams.engine import sglang_compat as compat
 from sglang_ams.engine.pacing import paced_count
 
 from .checks import compacted, step
-from .harness import MARKS, add_request, make_batch, make_env
+from .harness import CFG, MARKS, add_request, make_batch, make_env
 
 pytestmark = MARKS
 
@@ -72,3 +73,43 @@ def test_step_requests_spreads_a_lockstep_batch():
 def test_step_requests_two():
     env, reqs, done = run_lockstep(2)
     assert done == {22: {"a": (55, 40), "b": (55, 40)}, 23: {"c": (56, 40), "d": (56, 40)}}
+
+
+def run_long_prompts(step_requests):
+    """Four requests whose prompts (70 tokens) already pass the trigger (56): ready together after prefill."""
+    env = make_env(batch_slack=0.5, step_requests=step_requests)       # overdue wait under pacing: 8 tokens
+    reqs = [add_request(env, rid, list(range(base, base + 70))) for rid, base in
+            (("a", 2000), ("b", 3000), ("c", 4000), ("d", 5000))]
+    batch = make_batch(env, reqs)
+    done, peak, first = {}, {r.rid: 70 for r in reqs}, set()
+    for n in range(1, 40):
+        for r in reqs:
+            if r.rid not in first:
+                peak[r.rid] = max(peak[r.rid], compat.committed_len(r))
+        c = {rid: v for rid, v in compacted(step(env, batch)).items() if rid not in first}   # first compactions
+        if c:
+            done[n] = c
+            first |= set(c)
+    return env, reqs, done, peak
+
+
+def test_long_prompts_compact_in_one_step_without_a_limit():
+    env, reqs, done, _ = run_long_prompts(0)
+    assert len(done) == 1 and len(next(iter(done.values()))) == 4
+
+
+def test_step_requests_spreads_long_prompts_within_the_reserved_wait():
+    """N = 1: one long prompt a step, each within the overdue wait after it became ready, so no request holds more
+    than admission reserved for it (the lead plus that wait)."""
+    env, reqs, done, peak = run_long_prompts(1)
+    assert sorted(len(c) for c in done.values()) == [1, 1, 1, 1], done
+    steps = sorted(done)
+    assert steps == list(range(steps[0], steps[0] + 4))           # on consecutive steps, as late as allowed:
+    assert [c[rid][0] for c, rid in zip((done[n] for n in steps), "abcd")] == [85, 86, 87, 88]  # ready 80, wait 8
+    wait = env.rt.settings.overdue_wait(CFG.interval)
+    assert wait == 8
+    for r in reqs:
+        reserved = admission.admission_new_tokens(70, 0, 4096, CFG, wait)
+        assert peak[r.rid] - 70 <= reserved, (r.rid, peak[r.rid], reserved)
+        assert request_state.existing_state(r).overdue_since == 0        # reset by its compaction
+    assert max(peak.values()) - 70 == 10 + wait                    # the last one used all of the reserved wait
