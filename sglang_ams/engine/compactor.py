@@ -174,7 +174,7 @@ class Compactor:
     def _deadline(self, d: Due) -> int:
         """The length by which a ready request must compact under pacing: its trigger, or, for one that became
         ready already past it (a long prompt, or a wait for a ring row), that length plus the overdue wait
-        admission reserved (EngineSettings.overdue_wait)."""
+        admission reserved (EngineSettings.overdue_wait). Records that length on the request the first time."""
         st = d.state
         cap = trigger_points(self.rt, d.req, st.cfg)[0]
         if d.length > cap and not st.overdue_since:

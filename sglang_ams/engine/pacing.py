@@ -5,7 +5,8 @@ stalls decode for many step-times. With N > 0 a step compacts at most N requests
 runs as late as the triggers allow: it is skipped while N per step from the next step on still compacts every
 ready request before its deadline, and takes more than N only when fewer would let one pass it. The deadline is
 the trigger; for a request that became ready already past it (a long prompt), that length plus the overdue wait
-(Compactor._deadline). Either way a request never holds more than admission reserved for it.
+(Compactor._deadline). Either way a request never holds more than admission reserved for it (one that had to
+wait for a query-ring row aside).
 """
 from __future__ import annotations
 
