@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_io import save, table  # noqa: E402
 
 from sglang_ams.config import PolicyConfig  # noqa: E402
+from sglang_ams.engine.step_profile import top_level_aten  # noqa: E402
 from sglang_ams.selection import select_ams, select_topk  # noqa: E402
 
 LAYERS, KV_HEADS = 32, 8                       # Llama-3-8B
@@ -88,8 +89,7 @@ def launches(fn, cuda):
     events = [e for e in prof.events() if e.device_type == kind]
     if cuda:
         return len(events)
-    return sum(1 for e in events if e.name.startswith("aten::") and
-               (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+    return sum(1 for e in events if top_level_aten(e))
 
 
 def main(argv=None):

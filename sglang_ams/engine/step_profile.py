@@ -59,7 +59,7 @@ class _Profiled:
         return False
 
 
-def _top_level_aten(event) -> bool:
+def top_level_aten(event) -> bool:
     """An aten call made from Python, not one inside another aten call."""
     parent = event.cpu_parent
     return event.name.startswith("aten::") and (parent is None or not parent.name.startswith("aten::"))
@@ -70,7 +70,7 @@ def summary(prof, number: int, requests: int, wall_s: float, cuda: bool) -> str:
     averages = prof.key_averages()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     gpu_ms = sum(e.time_range.elapsed_us() for e in kernels) / 1e3
-    host_ops = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU and _top_level_aten(e))
+    host_ops = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU and top_level_aten(e))
     lines = [f"sglang-ams: profile of compaction step {number} ({requests} requests): wall {wall_s * 1e3:.1f} ms, "
              f"{len(kernels)} GPU kernels taking {gpu_ms:.1f} ms, {host_ops} top-level aten calls"]
     if cuda:
