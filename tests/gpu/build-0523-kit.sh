@@ -21,7 +21,7 @@ LIGHT=${LIGHT:-0}
 if [ "$LIGHT" = 1 ]; then TARGET=${1:-.gpu/sglang-0523-light}; else TARGET=${1:-.gpu/sglang-0523-kit}; fi
 CHUNK_MIB=${CHUNK_MIB:-40}
 XZ_LEVEL=${XZ_LEVEL:-6}
-WORK=${WORK:-${TMPDIR:-/tmp}/kit0523-work$([ "$LIGHT" = 1 ] && echo -light)}
+if [ "$LIGHT" = 1 ]; then WORK=${WORK:-${TMPDIR:-/tmp}/kit0523-work-light}; else WORK=${WORK:-${TMPDIR:-/tmp}/kit0523-work}; fi
 WHEELS=${WHEELS:-${TMPDIR:-/tmp}/kit0523-work/wheels}       # one download cache for both variants
 SHARED_TOOLS=${SHARED_TOOLS:-../shared/gpu/tools}
 HERE=tests/gpu
