@@ -191,7 +191,7 @@ EOF
 for d in "$TARGET"/[cn][0-9]*; do cp "$HERE/kit0523-unpack.sh" "$d/unpack.sh"; done
 mkdir -p "$TARGET/tools"
 cp "$SHARED_TOOLS/mkmodel.py" "$SHARED_TOOLS/bench.py" "$SHARED_TOOLS/jit-cache.sh" "$TARGET/tools/"
-SITE_NAME=site0523$([ "$LIGHT" = 1 ] && echo l)      # visit-0523.sh picks the same name from the kit's folder name
+SITE_NAME=site0523; [ "$LIGHT" = 1 ] && SITE_NAME=site0523l   # visit-0523.sh picks the same name from the kit's folder name
 cat > "$TARGET/tools/env.sh" <<EOF
 # source tools/env.sh: the kit's site first on PYTHONPATH, offline, cuDNN 9.19 accepted by torch 2.14.1
 export KIT_SITE=\${KIT_SITE:-\${TMPDIR:-/tmp}/$SITE_NAME}
