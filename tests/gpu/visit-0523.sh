@@ -2,7 +2,9 @@
 # SGLang 0.5.23 (torch 2.14.1) on the GPU machine, from the chunked kit in .gpu/sglang-0523-kit (or, with
 # KIT=.gpu/sglang-0523-light, the light variant on the image's torch 2.11: its few chunks the same way)
 # (built on the CPU side by tests/gpu/build-0523-kit.sh into the git-ignored kit folder; see its MANIFEST.txt).
-# One device call per chunk; the calls must follow each other at once (the machine keeps /tmp only ~30 s):
+# One device call per chunk; the calls must follow each other at once (the machine keeps /tmp only ~30 s; on
+# 2026-12-02 a call sent after reading the previous one's output found the machine cold twice, while calls sent
+# together in one batch of tool calls all found it warm):
 #   call k = 1..N-1: bash tests/gpu/visit-0523.sh unpack k           carry .gpu/sglang-0523-kit/cKK
 #     (on the chunk that completes the torch group, MANIFEST's "torch cKK", add `check`: fails fast)
 #   call N:          bash tests/gpu/visit-0523.sh unpack N check serve:none
