@@ -1,6 +1,7 @@
 """GPU time of the selection arithmetic of one compaction chunk (selection.select_ams and select_topk), the part of a
-compaction step that runs as separate torch operations rather than as Triton kernels (256 top-level aten calls
-per chunk for AMS, 46 for top-k, counted by --dry-run on the CPU; the same for any number of requests).
+compaction step that runs as separate torch operations rather than as Triton kernels (177 top-level aten calls
+per chunk for AMS, 32 for top-k, counted by --dry-run on the CPU; the same for any number of requests; 256 and 46
+before the selection arithmetic was tightened, which the H200 run of 2026-12-02 measured at 265-285 kernel launches).
 
     python benchmarks/selection.py              # GPU: the grid below, JSON under benchmarks/results/
     python benchmarks/selection.py --dry-run    # CPU: tiny shapes, checks only, no timings, nothing saved
