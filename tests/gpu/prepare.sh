@@ -5,6 +5,9 @@
 #   plugin   .gpu/plugin: this checkout as a wheel (rebuild after every change the GPU should run)
 #   light    .gpu/sglang-0523-light (tests/gpu/build-0523-kit.sh LIGHT=1, ~2 min)
 #   full     .gpu/sglang-0523-kit (tests/gpu/build-0523-kit.sh, ~9 min on 2 cores)
+#   data     .gpu/data: GSM8K and the essays that tests/gpu/engine_e2e.py reads (--data), from ../shared/data
+#   smollm2  .gpu/p-smollm2-135m-NN: SmolLM2-135M's GGUF (sglang-ams model build) in PART_MIB parts (default 20: two parts and the repo fit one call)
+#            for visit.sh's stash and build:smollm2-135m
 # Default: venv kit plugin light full. Each step logs to $TMP/prepare-<step>.log and prints one line.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -20,6 +23,11 @@ for s in $steps; do
   plugin) { rm -rf .gpu/plugin && .venv/bin/pip wheel -q --no-deps -w .gpu/plugin .; } > "$log" 2>&1;;
   light)  LIGHT=1 bash tests/gpu/build-0523-kit.sh > "$log" 2>&1;;
   full)   bash tests/gpu/build-0523-kit.sh > "$log" 2>&1;;
+  data)   { rm -rf .gpu/data && mkdir -p .gpu/data && cp ../shared/data/gsm8k/test.jsonl .gpu/data/gsm8k_test.jsonl &&
+            cp ../shared/data/gsm8k/train.jsonl .gpu/data/gsm8k_train.jsonl &&
+            cp -r ../shared/data/niah_paulgraham_essays/essays .gpu/data/essays; } > "$log" 2>&1;;
+  smollm2) { .venv/bin/sglang-ams model build smollm2-135m &&
+             PART_MIB=${PART_MIB:-20} bash tests/gpu/split-model.sh smollm2-135m; } > "$log" 2>&1;;
   *) echo "unknown step $s"; exit 2;;
   esac
   rc=$?

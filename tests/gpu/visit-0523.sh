@@ -23,7 +23,8 @@
 #              (budget 8192, above every request: its greedy outputs must equal none's); each: 7 greedy
 #              /generate one at a time (prompts 16-1500 tokens, 300 out), 96 concurrent mixed requests, the first
 #              request again (serve:none,ams picks some)
-#   savejit    the JIT caches into $OUT/jit (FlashInfer 0.7.2, tvm-ffi, Triton 3.8), for a later visit
+#   savejit    the JIT caches into $OUT/jit (FlashInfer 0.7.2, tvm-ffi, Triton 3.8), for a later visit; `serve`
+#              restores $KIT/jit/sglang-cache.tar.xz (carry $KIT/jit in the last unpack call: ~5 MiB)
 # Each phase prints one line starting with "### "; a summary comes last. Exit status: the first failing phase's.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -207,10 +208,17 @@ while [ $# -gt 0 ]; do
       cp tests/gpu/kit0523_dual_gemm_standin.py "$KIT_SITE/sglang/kernels/ops/gemm/cutedsl_dual_gemm.py" &&
         say "serve: no nvidia-cutlass-dsl: SGLang's SM100-only dual GEMM module replaced by tests/gpu/kit0523_dual_gemm_standin.py"
     fi
+    if [ -f "$KIT/jit/sglang-cache.tar.xz" ] && [ ! -d "$HOME/.cache/sglang" ]; then   # (saved by savejit)
+      mkdir -p "$HOME/.cache" && xz -dc "$KIT/jit/sglang-cache.tar.xz" | tar -C "$HOME/.cache" -xf - &&
+        say "serve: restored $KIT/jit/sglang-cache.tar.xz into ~/.cache/sglang"
+    fi
     case $phase in serve) pols="none ams amsbig";; *) pols=${phase#serve:}; pols=${pols//,/ };; esac
     for p in $pols; do serve_one "$p" 30523 || { [ $RC = 0 ] && RC=1; }; done;;
   savejit)
-    bash "$KIT/tools/jit-cache.sh" save "$OUT/jit" > "$OUT/jit.log" 2>&1; say "savejit: $(ls "$OUT/jit" 2>/dev/null | tr '\n' ' ')";;
+    bash "$KIT/tools/jit-cache.sh" save "$OUT/jit" > "$OUT/jit.log" 2>&1
+    # 0.5.23 keeps FlashInfer's and sgl-kernel's JIT builds under ~/.cache/sglang, where jit-cache.sh does not look
+    [ -d "$HOME/.cache/sglang" ] && tar -C "$HOME/.cache" -cf - sglang | xz -T0 -6 > "$OUT/jit/sglang-cache.tar.xz"
+    say "savejit: $(ls "$OUT/jit" 2>/dev/null | tr '\n' ' ')";;
   *) echo "unknown phase $phase"; exit 2;;
   esac
   echo "    ($phase took $(( $(date +%s) - t0 )) s)"
