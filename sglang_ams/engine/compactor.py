@@ -32,7 +32,7 @@ from .checks import (check_invariants, check_pinned_in_place, free_before, verif
                      workspace_peak_start)
 from .counters import Timer, now
 from .report import NOTHING, ChunkReport, RequestReport, StepReport, Trace
-from .request_state import RequestState, state_of
+from .request_state import RequestState, release_ring_rows, state_of
 from .runtime import Runtime
 from .sglang_compat import pool_idx, protected_len, shrink_kv
 
@@ -335,8 +335,8 @@ class Compactor:
                 # (cat copies: the chunk's selection tensors are not kept alive by views into them)
                 st.credit = torch.cat(d.credit_parts, dim=0)
                 d.credit_parts.clear()
-            st.release_ring_row(rt.ring, pool_idx(d.req))
             offsets.append(st.pos_offset)
+        release_ring_rows(rt.ring, [d.state for d in items], [pool_idx(d.req) for d in items])
         rt.pos_offsets[rows] = to_device(offsets, torch.int64, rt.device)
         return freed
 
@@ -357,10 +357,16 @@ class Compactor:
     def _credit(self, items: list[Due], t_max: int, layers: range) -> torch.Tensor:
         """Carried credit aligned with the current tokens; tokens added since the last compaction start at 0."""
         shape = self.rt.shape
+        carried = [d.state.credit for d in items]
+        if all(c is not None for c in carried) and len({c.shape for c in carried}) == 1:
+            # The usual case (every request compacted before, to the same budget): one stack and one pad, not a
+            # copy per request; each dispatched op costs host time in a step that is host-bound.
+            kept = torch.stack(carried)[:, layers.start:layers.stop]
+            return torch.nn.functional.pad(kept, (0, t_max - kept.shape[-1]))
         credit = torch.zeros(len(items), len(layers), shape.num_kv_heads, t_max, device=self.rt.device)
-        for j, d in enumerate(items):
-            if d.state.credit is not None:
-                c = d.state.credit[layers.start:layers.stop]
+        for j, c in enumerate(carried):
+            if c is not None:
+                c = c[layers.start:layers.stop]
                 credit[j, :, :, : c.shape[-1]] = c
         return credit
 

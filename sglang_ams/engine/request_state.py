@@ -30,9 +30,16 @@ class RequestState:
     def release_ring_row(self, ring, req_pool_idx: int | None) -> None:
         """Give the query-ring row back (after a compaction, or when SGLang releases the request's KV): the next
         window starts from scratch. The only place a row is returned."""
-        if self.ring_row and req_pool_idx is not None:
-            ring.release(req_pool_idx, self.ring_row)
-        self.ring_row, self.ring_start, self.ring_lse = 0, -1, True
+        release_ring_rows(ring, [self], [req_pool_idx])
+
+
+def release_ring_rows(ring, states: list, req_pool_indices: list) -> None:
+    """release_ring_row for several requests with one device write (a compaction step commits many)."""
+    held = [(idx, st.ring_row) for st, idx in zip(states, req_pool_indices) if st.ring_row and idx is not None]
+    if held:
+        ring.release_many([idx for idx, _ in held], [row for _, row in held])
+    for st in states:
+        st.ring_row, st.ring_start, st.ring_lse = 0, -1, True
 
 
 def requested_override(req):

@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from ..transfer import to_device
+
 
 def rows_for_pool(pool_tokens: int, budget: int, interval: int, window: int) -> int:
     return math.ceil(pool_tokens / max(1, budget + interval - window)) + 1
@@ -105,10 +107,11 @@ class QueryRing:
         self.row_of[req_pool_idx] = row
         return row
 
-    def release(self, req_pool_idx: int, row: int) -> None:
-        if row:
-            self.row_of[req_pool_idx] = 0
-            self._free.append(row)
+    def release_many(self, req_pool_indices: list[int], rows: list[int]) -> None:
+        """Return the rows (all non-zero) of these requests: one index_fill_ on the device, not one per request."""
+        if rows:          # (rows come from acquire: every one non-zero)
+            self.row_of.index_fill_(0, to_device(req_pool_indices, torch.int64, self.row_of.device), 0)
+            self._free.extend(rows)
 
     def window_queries(self, rows: torch.Tensor, newest_pos: torch.Tensor,
                        layers: range | None = None) -> tuple[torch.Tensor, torch.Tensor]:

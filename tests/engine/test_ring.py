@@ -80,7 +80,7 @@ def test_ring_rows_are_located_once_per_forward_and_again_at_layer_0():
         ring.write(layer, torch.tensor([[1.0]]), reqs, pos)
         ring.write_lse(layer, torch.tensor([[2.0]]), reqs, pos)
     assert ring.buf[:, row, 1, 0, 0].tolist() == [1.0, 1.0] and ring.lse[:, row, 1, 0].tolist() == [2.0, 2.0]
-    ring.release(3, row)                             # the scheduler took the row back between two forwards
+    ring.release_many([3], [row])                             # the scheduler took the row back between two forwards
     for layer in (0, 1):
         ring.write(layer, torch.tensor([[7.0]]), reqs, pos)
     assert ring.buf[:, row, 1, 0, 0].tolist() == [1.0, 1.0] and ring.buf[:, 0, 1, 0, 0].tolist() == [7.0, 7.0]
@@ -99,5 +99,5 @@ def test_ring_window_order():
     unused = 3 - row                  # rows are 1 and 2
     assert int(ring.row_of[1]) == 0 and ring.buf[0, 0].ne(0).all()    # req 1 has no row: the trash row
     assert ring.buf[0, row].ne(0).all() and ring.buf[0, unused].eq(0).all()
-    ring.release(3, row)
+    ring.release_many([3], [row])
     assert ring.free_rows == 2 and int(ring.row_of[3]) == 0
