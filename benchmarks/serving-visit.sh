@@ -24,7 +24,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 TMP=${TMPDIR:-/tmp}            # scratch on the GPU machine
 OUT=${OUT:-$TMP/serving-out}; mkdir -p "$OUT"
-source .gpu/sglang-kit/tools/env.sh
+# A cold machine (the lease went back between calls) has neither the kit nor $SV: stop at once, not after WAIT_S.
+source .gpu/sglang-kit/tools/env.sh 2>/dev/null && [ -d "$KIT_SITE" ] ||
+  { echo "serving-visit: no kit on this machine (it went cold): start again from c1"; exit 3; }
 MODEL=$TMP/llama8b-tok
 PORT=${PORT:-30000}
 SV=${SV:-$TMP/serving-$PORT}
@@ -70,6 +72,7 @@ for phase in "$@"; do
       echo \$? > $SV/driver.done" > "$SV/driver.log" 2>&1 < /dev/null &)
     say "start: driver in the background, log $SV/driver.log";;
   wait)      # WAIT_S seconds at most (keep it under the call's limit); then what has finished so far
+    [ -f "$SV/driver.log" ] || { echo "serving-visit: no driver in $SV (the machine went cold?)"; exit 3; }
     for _ in $(seq "${WAIT_S:-540}"); do [ -f "$SV/driver.done" ] && break; sleep 1; done
     grep -E '^\[[0-9]+/[0-9]+\] [a-z_]+_r[0-9]+: ' "$SV/driver.log" | tail -6
     cp "$SV"/summary.json "$SV"/summary.md "$SV"/summary.png "$SV/driver.log" "$OUT/" 2>/dev/null
@@ -82,4 +85,4 @@ for phase in "$@"; do
   echo "($phase: $(( $(date +%s) - t0 )) s)"
 done
 printf '%s\n' "${SUMMARY[@]}"
-[ -n "$TABLE" ] && printf '%s\n' "--- means over repeats ($SV/summary.md)" "$TABLE"
+if [ -n "$TABLE" ]; then printf '%s\n' "--- means over repeats ($SV/summary.md)" "$TABLE"; fi
