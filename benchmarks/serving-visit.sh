@@ -7,7 +7,8 @@
 #   run 3+: WORKLOADS=... CONFIGS=... bash benchmarks/serving-visit.sh run                    (results accumulate in $SV)
 # Phases: setup (plugin wheel into the kit's site, Llama-3-8B-shaped dummy model + WordLevel tokenizer of 32000
 # words, context 32768), run, start + wait (the driver in the background across several device calls, for runs
-# past one call's 10 minutes; WAIT_S per call), savejit. Settings (environment):
+# past one call's 10 minutes; WAIT_S per call), savejit; any phase exits 3 at once on a cold machine.
+# Settings (environment):
 #   WORKLOADS  long_reasoning,heavy_pressure,short_chat,long_prompts,shared_prefix (default: short_chat)
 #   CONFIGS    production,ams,topk,full (default production,ams)    REPEATS (2)   FIRST_REPEAT (1)   SCALE (1)
 #   COUNT_SCALE  factor on request counts only (1; shared_prefix's 192 requests may need 3+ for the 60 s asked)
@@ -25,7 +26,7 @@ cd "$(dirname "$0")/.."
 TMP=${TMPDIR:-/tmp}            # scratch on the GPU machine
 OUT=${OUT:-$TMP/serving-out}; mkdir -p "$OUT"
 # A cold machine (the lease went back between calls) has neither the kit nor $SV: stop at once, not after WAIT_S.
-source .gpu/sglang-kit/tools/env.sh 2>/dev/null && [ -d "$KIT_SITE" ] ||
+source .gpu/sglang-kit/tools/env.sh 2>/dev/null && [ -f "$KIT_SITE/sglang/__init__.py" ] ||
   { echo "serving-visit: no kit on this machine (it went cold): start again from c1"; exit 3; }
 MODEL=$TMP/llama8b-tok
 PORT=${PORT:-30000}
