@@ -72,3 +72,19 @@ def test_lookup_and_ring_release():
     assert (st.ring_row, st.ring_start, st.ring_lse) == (0, -1, True) and ring.free_rows == ring.rows
     assert ring.row_of[3] == 0
     st.release_ring_row(None, None)                   # no row: nothing to return (a query-free request)
+
+
+def test_a_fault_in_reporting_is_logged_once_and_never_reaches_the_scheduler(caplog):
+    """A raising snapshot (as a deep copy of pending CUDA events once did) must not take the event loop down."""
+    rt, engine = _engine(lambda: 0.0)
+
+    def broken():
+        raise TypeError("cannot pickle 'Event' object")
+    rt.counters.snapshot = broken
+    with caplog.at_level(logging.ERROR, logger="sglang_ams"):
+        engine.report()
+        engine.report()
+        state = engine.internal_state()
+    assert engine.report_faults == 3 and state == {"error": "TypeError: cannot pickle 'Event' object",
+                                                   "report_faults": 3}
+    assert sum("report failed" in r.getMessage() for r in caplog.records) == 1

@@ -84,7 +84,9 @@ class Counters:
 
     def snapshot(self) -> dict:
         self.harvest()
-        d = {k: v for k, v in dataclasses.asdict(self).items() if not k.startswith("_")}
+        # Not dataclasses.asdict: it deep-copies every field, and the pending spans hold CUDA events, which
+        # cannot be copied (a report during a step's GPU work raised inside the scheduler).
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
         d["kept_ratio"] = self.kept_ratio
         return d
 

@@ -3,6 +3,7 @@ log line, the entry in /get_server_info). Built once in Scheduler.__init__ and k
 in patches/scheduler.py hold no state of their own."""
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -22,6 +23,23 @@ _EXPORTED = (("compactions", "compactions", "Request compactions"),
              ("host_seconds", "host_seconds", "Scheduler seconds spent in the compaction step"))
 
 
+def _observation(fallback):
+    """Reporting is observation: a fault in it is logged (its traceback once) and never reaches SGLang's event loop,
+    which would take the whole server down with it."""
+    def wrap(method):
+        @functools.wraps(method)
+        def guarded(self, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            except Exception as e:
+                self.report_faults += 1
+                if self.report_faults == 1:
+                    logger.exception("sglang_ams: %s failed; serving goes on without it", method.__name__)
+                return fallback(self, e)
+        return guarded
+    return wrap
+
+
 class SchedulerEngine:
     def __init__(self, rt: Runtime, compactor: Compactor | None = None, clock=time.monotonic):
         self.rt = rt
@@ -31,6 +49,7 @@ class SchedulerEngine:
         self._prom: dict | None = None          # name -> prometheus metric, once enable_prometheus ran
         self._labels: dict = {}
         self._seen: dict = {}                   # Counters field -> value already exported
+        self.report_faults = 0                  # report / internal_state calls that raised (see _observation)
 
     def step(self, batch) -> int:
         return self.compactor.step(batch)
@@ -45,6 +64,7 @@ class SchedulerEngine:
         self._prom["kept_ratio"] = Gauge("sglang_ams:kept_ratio", "Kept / physical tokens over all compactions",
                                          multiprocess_mode="mostrecent", **where)
 
+    @_observation(lambda self, e: None)
     def report(self) -> None:
         """After SGLang's decode statistics: advance the Prometheus counters, log a summary every LOG_EVERY_S."""
         snap = self.rt.counters.snapshot()
@@ -60,6 +80,7 @@ class SchedulerEngine:
             self._last_log = now
             logger.info(self.rt.counters.summary())
 
+    @_observation(lambda self, e: {"error": f"{type(e).__name__}: {e}", "report_faults": self.report_faults})
     def internal_state(self) -> dict:
         """The counters in /get_server_info and Engine.get_server_info() (internal_states[i]["sglang_ams"])."""
         p = self.rt.settings.policy
