@@ -88,3 +88,34 @@ def test_the_longest_step_on_the_gpu_spans_its_chunks_and_skips_the_first_step()
     late.done = True
     c.harvest()                                     # a span still running is read once it has completed
     assert c.step_gpu_ms_max == 100 and "on the GPU 100 ms" in c.summary()
+
+
+def test_reporting_reads_the_real_compactor_with_gpu_events_still_pending():
+    """The GPU path on the CPU: the compactor's timer hands out events that cannot be copied and complete late, as
+    CUDA events do. Reports and /get_server_info taken while they are pending must work, and count them once done."""
+    from sglang_ams.engine.scheduler_engine import SchedulerEngine
+
+    class LateTimer:
+        def __init__(self):
+            self.t, self.events = 0, []
+
+        def mark(self):
+            self.t += 1
+            self.events.append(FakeEvent(self.t, done=False))
+            return self.events[-1]
+    env = make_env(trace=False)
+    env.compactor._timer = timer = LateTimer()
+    engine = SchedulerEngine(env.rt, env.compactor)
+    batch = make_batch(env, [add_request(env, f"r{i}", list(range(7000 + 100 * i, 7000 + 100 * i + n)))
+                             for i, n in enumerate((70, 90))])
+    for _ in range(40):
+        engine.step(batch)
+        batch.prepare_for_decode()
+        forward(env, batch)
+        engine.report()
+    state = engine.internal_state()
+    assert env.rt.counters.launches >= 2 and timer.events and engine.report_faults == 0
+    assert state["launches"] == env.rt.counters.launches and state["score_gpu_ms"] == 0     # nothing completed yet
+    for ev in timer.events:
+        ev.done = True
+    assert engine.internal_state()["score_gpu_ms"] > 0 and env.rt.counters._pending == []
