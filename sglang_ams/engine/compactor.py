@@ -64,7 +64,7 @@ def take_prefill_rows(rt: Runtime, batch) -> int:
         _, early = trigger_points(rt, req, st.cfg)
         if length < early - st.cfg.window:
             continue
-        st.ring_row = rt.ring.acquire(pool_idx(req))
+        st.ring_row, st.wake = rt.ring.acquire(pool_idx(req)), 0
         if st.ring_row:
             # Positions length - min(W, extend) .. length - 1 get their queries in this forward, without LSE.
             st.ring_start, st.ring_lse = length - min(st.cfg.window, extend), False
@@ -130,24 +130,36 @@ class Compactor:
         """DUE at its trigger (prefix + budget + interval), JOIN within the batch slack before it, else NOT.
 
         A policy that reads queries is ready only with a full window of them: it takes a ring row W tokens
-        before the earliest point it may compact (or at prefill: take_prefill_rows)."""
+        before the earliest point it may compact (or at prefill: take_prefill_rows).
+
+        A NOT that only growth can end records the length it waits for (st.wake): due_requests skips the request
+        until then, so a step of hundreds of requests far from their triggers costs one comparison each. Losing a
+        row (compaction, release) clears it."""
         cfg = st.cfg
         cap, early = trigger_points(self.rt, req, cfg)
+        st.wake = 0
         if req.decode_batch_idx < cfg.MIN_DECODE_STEPS:
             return NOT
         if cfg.needs_queries:
             ring = self.rt.ring
             if not st.ring_row:
-                if length >= early - cfg.window:
-                    st.ring_row = ring.acquire(pool_idx(req))
-                    if st.ring_row:
-                        st.ring_start = length      # the query of this position is written by the coming step
-                    elif length >= cap:
-                        self.rt.counters.ring_waits += 1
+                if length < early - cfg.window:
+                    st.wake = early - cfg.window
+                    return NOT
+                st.ring_row = ring.acquire(pool_idx(req))
+                if st.ring_row:
+                    st.ring_start = length      # the query of this position is written by the coming step
+                    st.wake = length + cfg.window
+                elif length >= cap:
+                    self.rt.counters.ring_waits += 1
                 return NOT
             if length - st.ring_start < cfg.window:
+                st.wake = st.ring_start + cfg.window
                 return NOT
-        return DUE if length >= cap else JOIN if length >= early else NOT
+        if length < early:
+            st.wake = early
+            return NOT
+        return DUE if length >= cap else JOIN
 
     def due_requests(self, batch) -> list[Due]:
         """Requests at their trigger, plus those within the slack (only when at least one is at its trigger:
@@ -158,7 +170,7 @@ class Compactor:
         due, join = [], []
         for i, req in enumerate(batch.reqs):
             st = state_of(req, server_cfg)
-            if st is None:
+            if st is None or lengths[i] < st.wake:
                 continue
             ready = self._readiness(req, st, lengths[i])
             if ready != NOT:

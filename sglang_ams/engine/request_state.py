@@ -26,6 +26,7 @@ class RequestState:
     ring_lse: bool = True                  # every query of the row came with its decode-attention LSE
     credit: torch.Tensor | None = None     # [L, H, kept] EMA credit of the kept tokens
     overdue_since: int = 0                 # length at which it became ready already past its trigger (0: not)
+    wake: int = 0                          # physical length before which readiness cannot change (0: check)
 
     def release_ring_row(self, ring, req_pool_idx: int | None) -> None:
         """Give the query-ring row back (after a compaction, or when SGLang releases the request's KV): the next
@@ -39,7 +40,7 @@ def release_ring_rows(ring, states: list, req_pool_indices: list) -> None:
     if held:
         ring.release_many([idx for idx, _ in held], [row for _, row in held])
     for st in states:
-        st.ring_row, st.ring_start, st.ring_lse = 0, -1, True
+        st.ring_row, st.ring_start, st.ring_lse, st.wake = 0, -1, True, 0
 
 
 def requested_override(req):

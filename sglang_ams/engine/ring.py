@@ -36,6 +36,11 @@ def kv_fraction(window: int, group_size: int, budget: int, interval: int, head_d
     return window * group_size * per_query / (2.0 * max(1, budget + interval - window))
 
 
+def capturing(t: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on the stream that would take t's kernels."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 class QueryRing:
     def __init__(self, num_layers: int, rows: int, window: int, num_q_heads: int, head_dim: int,
                  req_slots: int, dtype: torch.dtype, device):
@@ -47,6 +52,7 @@ class QueryRing:
         self.pending = None         # (layer, req_pool_indices, positions) while a decode attention call runs
         self.lse_layers = set()     # layers whose decode attention has reported its LSE (set on the host)
         self._located = None        # (req_pool_indices, positions, rows, slots) of the forward being run
+        self._recording = True      # whether the forward being run stores its queries (decided at its layer 0)
 
     @property
     def rows(self) -> int:
@@ -65,6 +71,15 @@ class QueryRing:
         return len(self.lse_layers) == self.buf.shape[0]
 
     # --- inside the graph ---
+    def records(self, layer: int) -> bool:
+        """Whether this decode forward stores its queries and LSE: always while a CUDA graph is captured (its
+        replays serve later batches), otherwise only while some request holds a row; with none lent every query
+        would land in the trash row, and an eager decode step (batches past SGLang's largest graph) would pay
+        two indexed stores per layer for nothing. Decided at layer 0, kept for the forward's other layers."""
+        if layer == 0:
+            self._recording = len(self._free) < self.rows or capturing(self.buf)
+        return self._recording
+
     def _locate(self, req_pool_indices: torch.Tensor, positions: torch.Tensor, fresh: bool = False):
         """(ring rows, slots) of a decode batch, computed at the first layer of each forward and reused by the
         others (same two tensors): per layer only the stores remain, which matters in a decode step made of tiny

@@ -101,3 +101,51 @@ def test_ring_window_order():
     assert ring.buf[0, row].ne(0).all() and ring.buf[0, unused].eq(0).all()
     ring.release_many([3], [row])
     assert ring.free_rows == 2 and int(ring.row_of[3]) == 0
+
+
+def _decode_layers(ring, layers: int, reqs: torch.Tensor, pos: torch.Tensor, value: float) -> list:
+    """One decode forward through the RadixAttention and FlashInfer hooks; returns what each layer's attention
+    was asked for ("lse" or "plain")."""
+    from sglang_ams.patches import flashinfer_decode as fi_hooks
+    from sglang_ams.patches import radix_attention as attn_hooks
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+    fb = SimpleNamespace(forward_mode=ForwardMode.DECODE, req_pool_indices=reqs, positions=pos)
+    asked = []
+
+    class Wrapper:
+        def run(self, q, paged_kv_cache, **kwargs):
+            asked.append("lse")
+            return q, torch.full((q.shape[0], 1), value + 0.5)
+
+    def plain(*args, **kwargs):
+        asked.append("plain")
+        return args[1]
+    for layer in range(layers):
+        q = torch.full((len(reqs), 1), value)
+        attend = lambda *a, **k: fi_hooks.forward_hook(plain, Wrapper(), q, None)      # noqa: E731
+        attn_hooks.forward_hook(attend, SimpleNamespace(layer_id=layer), q, None, None, fb)
+    return asked
+
+
+def test_an_eager_decode_with_no_row_lent_stores_nothing_but_a_graph_capture_always_does(monkeypatch):
+    """With no ring row lent, an eager decode forward leaves the ring alone and asks the attention for no LSE
+    (every store would hit the trash row); once a row is lent every layer stores again, and a CUDA-graph capture
+    stores whatever is lent, since its replays serve later batches."""
+    from sglang_ams.engine import ring as ring_mod
+    ring = ring_mod.QueryRing(num_layers=2, rows=2, window=4, num_q_heads=1, head_dim=1, req_slots=4,
+                              dtype=torch.float32, device="cpu")
+    ams_runtime.install(SimpleNamespace(ring=ring, settings=SimpleNamespace(scoring_lse="decode"),
+                                        shape=SimpleNamespace(start_layer=0)))
+    reqs, pos = torch.tensor([3, 1]), torch.tensor([5, 9])
+    try:
+        assert _decode_layers(ring, 2, reqs, pos, 1.0) == ["plain", "plain"]
+        assert ring.buf.eq(0).all() and ring.lse.eq(0).all() and not ring.lse_layers
+        row = ring.acquire(3)
+        assert _decode_layers(ring, 2, reqs, pos, 2.0) == ["lse", "lse"]
+        assert ring.buf[:, row, 1, 0, 0].tolist() == [2.0, 2.0] and ring.lse[:, row, 1, 0].tolist() == [2.5, 2.5]
+        ring.release_many([3], [row])
+        monkeypatch.setattr(ring_mod, "capturing", lambda t: True)
+        assert _decode_layers(ring, 2, reqs, pos, 3.0) == ["lse", "lse"]
+        assert ring.buf[:, 0, 1, 0, 0].tolist() == [3.0, 3.0]            # the trash row, as a replay would
+    finally:
+        ams_runtime.install(None)
