@@ -27,7 +27,10 @@ def forward_hook(orig, self, q, paged_kv_cache, pos_encoding_mode="NONE", q_scal
     self._rope_theta = rope_theta
     out, lse = self.run(q, paged_kv_cache, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale, return_lse=True)
     layer, req_pool_indices, positions = pending
-    rt.ring.write_lse(layer, lse, req_pool_indices, positions)
+    if rt.settings.ring_store == "triton":
+        rt.ring.store(layer, q, lse, req_pool_indices, positions)
+    else:
+        rt.ring.write_lse(layer, lse, req_pool_indices, positions)
     return out
 
 

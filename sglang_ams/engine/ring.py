@@ -114,6 +114,28 @@ class QueryRing:
         self.lse[layer][rows, slots] = lse.reshape(-1, self.lse.shape[3]).float()
         self.lse_layers.add(layer)
 
+    def store(self, layer: int, q: torch.Tensor, lse: torch.Tensor | None, req_pool_indices: torch.Tensor,
+              positions: torch.Tensor) -> None:
+        """write and write_lse in one kernel that skips requests without a row (--ams-ring-store triton)."""
+        from ..kernels.ring_store import store_queries
+        store_queries(self.buf, self.lse, self.row_of, layer, q, lse, req_pool_indices, positions)
+        if lse is not None:
+            self.lse_layers.add(layer)
+
+    def compile_store(self) -> None:
+        """Compile `store`'s kernel variants now (at pool allocation, before SGLang captures its decode graphs:
+        the warm-up runs before a capture store nothing while no row is lent, so the first launch would
+        otherwise compile inside the capture). One entry on req_pool_idx 0, which holds no row yet: nothing
+        is written."""
+        dev = self.buf.device
+        q = torch.zeros(1, self.buf.shape[3] * self.buf.shape[4], dtype=self.buf.dtype, device=dev)
+        lse = torch.zeros(1, self.buf.shape[3], dtype=torch.float32, device=dev)
+        for index_dtype in (torch.int32, torch.int64):        # SGLang's graph buffers and eager batches
+            idx = torch.zeros(1, dtype=index_dtype, device=dev)
+            for with_lse in (lse, None):
+                self.store(0, q, with_lse, idx, idx.long())
+        self.lse_layers.clear()
+
     # --- scheduler side ---
     def acquire(self, req_pool_idx: int) -> int:
         if not self._free:

@@ -77,6 +77,8 @@ class Runtime:
         if settings.policy.needs_queries:
             self.ring = ring_mod.QueryRing(shape.num_layers, ring_rows, settings.policy.window, shape.num_q_heads,
                                            shape.head_dim, req_slots, shape.dtype, self.device)
+            if settings.ring_store == "triton":
+                self.ring.compile_store()
         self.counters = Counters()
         self.decode_lse_ok = None       # None: not checked yet; False: the decode LSE disagreed, recompute it
         self.tree_cache = None

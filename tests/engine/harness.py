@@ -65,7 +65,7 @@ class Env:
 
 
 def make_env(*, trace=True, page_size=1, dtype=torch.bfloat16, policy=CFG, ring_rows=0, seed=0, batch_slack=0.0,
-             scoring_lse="decode", debug_checks=True, heads=None, step_requests=0) -> Env:
+             scoring_lse="decode", debug_checks=True, heads=None, step_requests=0, ring_store="torch") -> Env:
     """Pools, allocator and radix cache as SGLang builds them, and the Runtime as our alloc_memory_pool hook does.
     `trace`: the compactor keeps what each selection got in its report (checks.check_selection reads it).
     `heads`: a tensor-parallel rank's HeadRange (its pool holds heads.kv_count heads); default all heads."""
@@ -82,7 +82,7 @@ def make_env(*, trace=True, page_size=1, dtype=torch.bfloat16, policy=CFG, ring_
         allocator = PagedTokenToKVPoolAllocator(POOL_TOKENS, page_size, dtype, "cpu", kv_pool, need_sort=False)
     tree = compat.make_radix_cache(req_pool, allocator, page_size)
     settings = EngineSettings(policy=policy, ring_rows=ring_rows, debug_checks=debug_checks, batch_slack=batch_slack,
-                              scoring_lse=scoring_lse, step_requests=step_requests)
+                              scoring_lse=scoring_lse, step_requests=step_requests, ring_store=ring_store)
     shape = ams_runtime.ModelShape(num_layers=LAYERS, start_layer=0, num_kv_heads=kv_heads, num_q_heads=q_heads,
                                    head_dim=HEAD_DIM, dtype=dtype, scale=HEAD_DIM ** -0.5, heads=heads)
     rt = ams_runtime.Runtime(settings, shape, kv_pool, req_pool, allocator, tiny_rope(),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from sglang_ams.engine import request_state
@@ -106,9 +107,10 @@ def test_ring_window_order():
 def _decode_layers(ring, layers: int, reqs: torch.Tensor, pos: torch.Tensor, value: float) -> list:
     """One decode forward through the RadixAttention and FlashInfer hooks; returns what each layer's attention
     was asked for ("lse" or "plain")."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
     from sglang_ams.patches import flashinfer_decode as fi_hooks
     from sglang_ams.patches import radix_attention as attn_hooks
-    from sglang.srt.model_executor.forward_batch_info import ForwardMode
     fb = SimpleNamespace(forward_mode=ForwardMode.DECODE, req_pool_indices=reqs, positions=pos)
     asked = []
 
@@ -120,21 +122,25 @@ def _decode_layers(ring, layers: int, reqs: torch.Tensor, pos: torch.Tensor, val
     def plain(*args, **kwargs):
         asked.append("plain")
         return args[1]
+    def attend(layer_q, *args, **kwargs):       # SGLang's backend hands FlashInfer the same queries
+        return fi_hooks.forward_hook(plain, Wrapper(), layer_q, None)
     for layer in range(layers):
         q = torch.full((len(reqs), 1), value)
-        attend = lambda *a, **k: fi_hooks.forward_hook(plain, Wrapper(), q, None)      # noqa: E731
-        attn_hooks.forward_hook(attend, SimpleNamespace(layer_id=layer), q, None, None, fb)
+        attn_hooks.forward_hook(lambda _self, q, *a, **k: attend(q), SimpleNamespace(layer_id=layer), q, None, None,
+                                fb)
     return asked
 
 
-def test_an_eager_decode_with_no_row_lent_stores_nothing_but_a_graph_capture_always_does(monkeypatch):
+@pytest.mark.parametrize("store", ["torch", "triton"])
+def test_an_eager_decode_with_no_row_lent_stores_nothing_but_a_graph_capture_always_does(monkeypatch, store):
     """With no ring row lent, an eager decode forward leaves the ring alone and asks the attention for no LSE
     (every store would hit the trash row); once a row is lent every layer stores again, and a CUDA-graph capture
-    stores whatever is lent, since its replays serve later batches."""
+    stores whatever is lent, since its replays serve later batches (the fused store skips the trash row there
+    too)."""
     from sglang_ams.engine import ring as ring_mod
     ring = ring_mod.QueryRing(num_layers=2, rows=2, window=4, num_q_heads=1, head_dim=1, req_slots=4,
                               dtype=torch.float32, device="cpu")
-    ams_runtime.install(SimpleNamespace(ring=ring, settings=SimpleNamespace(scoring_lse="decode"),
+    ams_runtime.install(SimpleNamespace(ring=ring, settings=SimpleNamespace(scoring_lse="decode", ring_store=store),
                                         shape=SimpleNamespace(start_layer=0)))
     reqs, pos = torch.tensor([3, 1]), torch.tensor([5, 9])
     try:
@@ -146,6 +152,28 @@ def test_an_eager_decode_with_no_row_lent_stores_nothing_but_a_graph_capture_alw
         ring.release_many([3], [row])
         monkeypatch.setattr(ring_mod, "capturing", lambda t: True)
         assert _decode_layers(ring, 2, reqs, pos, 3.0) == ["lse", "lse"]
-        assert ring.buf[:, 0, 1, 0, 0].tolist() == [3.0, 3.0]            # the trash row, as a replay would
+        trash = [3.0, 3.0] if store == "torch" else [0.0, 0.0]           # as a replay would
+        assert ring.buf[:, 0, 1, 0, 0].tolist() == trash and ring.buf[:, row].eq(2.0).sum() == 2
     finally:
         ams_runtime.install(None)
+
+
+@pytest.mark.parametrize("scoring_lse", ["decode", "recompute"])
+def test_the_fused_ring_store_compacts_exactly_as_the_torch_stores(scoring_lse):
+    """--ams-ring-store triton: the same ring contents for every row lent, so the same selections, and the
+    same decode LSE, whichever way the queries went in (checks.step verifies each selection against the
+    reference from the queries the harness generated)."""
+    runs = {}
+    for store in ("torch", "triton"):
+        env = make_env(ring_store=store, scoring_lse=scoring_lse, ring_rows=2)
+        reqs = [add_request(env, rid, list(range(base, base + n)))
+                for rid, base, n in (("a", 2000, 44), ("b", 3000, 47), ("c", 4000, 50))]
+        batch = make_batch(env, reqs)
+        history = [compacted(step(env, batch)) for _ in range(30)]
+        rows = [r for r in range(1, env.rt.ring.rows + 1)]
+        runs[store] = (history, env.rt.ring.buf[:, rows].clone(), env.rt.ring.lse[:, rows].clone(),
+                       sorted(env.rt.ring.lse_layers), env.rt.counters.decode_lse_launches)
+    (h1, b1, l1, s1, n1), (h2, b2, l2, s2, n2) = runs["torch"], runs["triton"]
+    assert sum(len(h) for h in h1) >= 4 and h1 == h2
+    assert torch.equal(b1, b2) and torch.equal(l1, l2) and s1 == s2 and n1 == n2
+    assert (n1 > 0) == (scoring_lse == "decode")

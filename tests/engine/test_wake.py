@@ -35,10 +35,10 @@ def _run(monkeypatch, wake: bool, steps: int = 60, **env_kwargs):
     return history, calls, env
 
 
-@pytest.mark.parametrize("kwargs", [dict(), dict(ring_rows=1), dict(batch_slack=0.5), dict(step_requests=1)])
+@pytest.mark.parametrize("kwargs", [{}, {"ring_rows": 1}, {"batch_slack": 0.5}, {"step_requests": 1}])
 def test_skipping_until_the_wake_length_compacts_exactly_as_checking_every_step(monkeypatch, kwargs):
     every, all_calls, _ = _run(monkeypatch, wake=False, **kwargs)
-    skipping, calls, env = _run(monkeypatch, wake=True, **kwargs)
+    skipping, calls, _ = _run(monkeypatch, wake=True, **kwargs)
     assert sum(len(h) for h in every) >= 3 and skipping == every
     assert len(calls) < 0.75 * len(all_calls), (len(calls), len(all_calls))     # (half, at these small sizes)
 
@@ -49,7 +49,8 @@ def test_losing_the_ring_row_clears_the_wake():
     env = make_env()
     req = add_request(env, "a", list(range(2000, 2046)))        # cap 56: takes a row at 48 - slack
     batch = make_batch(env, [req])
-    st = lambda: request_state.existing_state(req)               # noqa: E731
+    def st():
+        return request_state.existing_state(req)
     for _ in range(12):
         step(env, batch)
         if st().ring_row:
