@@ -105,3 +105,39 @@ def test_rejects_bad_shapes(device):
     with pytest.raises(ValueError, match="contiguous"):
         store_queries(buf.transpose(3, 4), lse_buf, row_of, 0, torch.zeros(B, HQ * D, device=device), None,
                       rpi, positions)
+
+
+@pytest.mark.gpu
+def test_the_fused_store_is_captured_into_a_cuda_graph_and_replays_with_new_rows():
+    """GPU only: captured once with no row lent (as SGLang captures at startup), the graph's replays store for
+    exactly the rows lent at replay time, in bf16 as torch's cast rounds, and leave the trash row alone."""
+    from sglang_ams.engine.ring import QueryRing
+    dev = torch.device("cuda")
+    ring = QueryRing(num_layers=2, rows=4, window=8, num_q_heads=32, head_dim=128, req_slots=16,
+                     dtype=torch.bfloat16, device=dev)
+    ring.compile_store()
+    batch = 6
+    rpi = torch.arange(1, batch + 1, device=dev, dtype=torch.int32)
+    pos = torch.arange(100, 100 + batch, device=dev)
+    q = torch.zeros(batch, 32 * 128, device=dev, dtype=torch.float32)
+    lse = torch.zeros(batch, 32, device=dev)
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        for layer in range(2):
+            ring.store(layer, q, lse, rpi, pos)
+    torch.cuda.synchronize()
+    assert ring.buf.eq(0).all() and ring.lse.eq(0).all()             # capture runs nothing
+    rows = {2: ring.acquire(2), 5: ring.acquire(5)}                  # lent after the capture
+    q.copy_(torch.randn_like(q))
+    lse.copy_(torch.randn_like(lse))
+    graph.replay()
+    torch.cuda.synchronize()
+    for idx, row in rows.items():
+        b = idx - 1
+        for layer in range(2):
+            assert torch.equal(ring.buf[layer, row, int(pos[b]) % 8].reshape(-1), q[b].to(torch.bfloat16))
+            assert torch.equal(ring.lse[layer, row, int(pos[b]) % 8], lse[b])
+    assert ring.buf[:, 0].eq(0).all() and ring.lse[:, 0].eq(0).all()
+    assert int(ring.buf.ne(0).any(-1).any(-1).sum()) == 2 * len(rows)  # nothing else written

@@ -54,7 +54,7 @@ for phase in "$@"; do
     fi
     say "setup: plugin $(python3 -c 'import importlib.metadata as m; print(m.version("sglang-ams"))'), model $(ls "$TMP/smollm2" | tr '\n' ' ')";;
   kernels)
-    (cd tests && python3 -m pytest -q -m gpu -p no:cacheprovider --rootdir=. test_kernels.py) > "$OUT/kernel-tests.log" 2>&1
+    (cd tests && python3 -m pytest -q -m gpu -p no:cacheprovider --rootdir=. test_kernels.py test_ring_store.py) > "$OUT/kernel-tests.log" 2>&1
     say "kernels: $(tail -1 "$OUT/kernel-tests.log")";;
   bench)
     python3 benchmarks/kernels.py ${BENCH_ARGS---quick} --out "$OUT/kernels.json" > "$OUT/kernels-bench.log" 2>&1
