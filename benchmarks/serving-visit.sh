@@ -6,8 +6,9 @@
 #           .gpu/plugin)
 #   run 3+: WORKLOADS=... CONFIGS=... bash benchmarks/serving-visit.sh run                    (results accumulate in $SV)
 # Phases: setup (plugin wheel into the kit's site, Llama-3-8B-shaped dummy model + WordLevel tokenizer of 32000
-# words, context 32768), run, start + wait (the driver in the background across several device calls, for runs
-# past one call's 10 minutes; WAIT_S per call), savejit; any phase exits 3 at once on a cold machine.
+# words, context 32768), checks (the GPU tests of the decode hooks), run, start + wait (the driver in the
+# background across several device calls, for runs past one call's 10 minutes; WAIT_S per call), savejit; any
+# phase exits 3 at once on a cold machine.
 # Settings (environment):
 #   WORKLOADS  long_reasoning,heavy_pressure,short_chat,long_prompts,shared_prefix (default: short_chat)
 #   CONFIGS    production,ams,topk,full (default production,ams)    REPEATS (2)   FIRST_REPEAT (1)   SCALE (1)
@@ -79,9 +80,13 @@ for phase in "$@"; do
     cp "$SV"/summary.json "$SV"/summary.md "$SV"/summary.png "$SV/driver.log" "$OUT/" 2>/dev/null
     (cd "$SV" && tar czf "$OUT/runs.tgz" runs 2>/dev/null)
     say "wait: $( [ -f "$SV/driver.done" ] && echo "driver exited $(cat "$SV/driver.done")" || echo "still running")";;
+  checks)    # the GPU tests of the decode-path hooks (fused ring store under graph capture, FlashInfer's LSE)
+    (cd tests && python3 -m pytest -q -m gpu -p no:cacheprovider --rootdir=. test_ring_store.py test_flashinfer_lse.py) \
+      > "$OUT/checks.log" 2>&1
+    say "checks: $(tail -1 "$OUT/checks.log")";;
   savejit)
     bash .gpu/sglang-kit/tools/jit-cache.sh save "$OUT/jit" > /dev/null 2>&1; say "savejit: $(ls "$OUT/jit" | tr '\n' ' ')";;
-  *) echo "unknown phase $phase (setup, run, start, wait, savejit)"; exit 2;;
+  *) echo "unknown phase $phase (setup, checks, run, start, wait, savejit)"; exit 2;;
   esac
   echo "($phase: $(( $(date +%s) - t0 )) s)"
 done
