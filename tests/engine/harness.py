@@ -65,28 +65,30 @@ class Env:
 
 
 def make_env(*, trace=True, page_size=1, dtype=torch.bfloat16, policy=CFG, ring_rows=0, seed=0, batch_slack=0.0,
-             scoring_lse="decode", debug_checks=True, heads=None, step_requests=0, ring_store="torch") -> Env:
+             scoring_lse="decode", debug_checks=True, heads=None, step_requests=0, ring_store="torch",
+             pool_tokens=POOL_TOKENS, req_slots=8, max_context=256) -> Env:
     """Pools, allocator and radix cache as SGLang builds them, and the Runtime as our alloc_memory_pool hook does.
     `trace`: the compactor keeps what each selection got in its report (checks.check_selection reads it).
-    `heads`: a tensor-parallel rank's HeadRange (its pool holds heads.kv_count heads); default all heads."""
+    `heads`: a tensor-parallel rank's HeadRange (its pool holds heads.kv_count heads); default all heads.
+    `pool_tokens`, `req_slots`, `max_context`: pool sizes (benchmarks/scheduler_host.py holds hundreds of requests)."""
     gen = torch.Generator().manual_seed(seed)
     kv_heads, q_heads = (KV_HEADS, Q_HEADS) if heads is None else (heads.kv_count, heads.q_count)
-    kv_pool = MHATokenToKVPool(POOL_TOKENS, page_size, dtype, kv_heads, HEAD_DIM, LAYERS, device="cpu",
+    kv_pool = MHATokenToKVPool(pool_tokens, page_size, dtype, kv_heads, HEAD_DIM, LAYERS, device="cpu",
                                enable_memory_saver=False)
     for buf in kv_pool.k_buffer + kv_pool.v_buffer:     # free slots hold data too: a stray read shows
         buf.copy_(torch.randn(buf.shape, generator=gen))
-    req_pool = ReqToTokenPool(size=8, max_context_len=256, device="cpu", enable_memory_saver=False)
+    req_pool = ReqToTokenPool(size=req_slots, max_context_len=max_context, device="cpu", enable_memory_saver=False)
     if page_size == 1:
-        allocator = TokenToKVPoolAllocator(POOL_TOKENS, dtype, "cpu", kv_pool, need_sort=False)
+        allocator = TokenToKVPoolAllocator(pool_tokens, dtype, "cpu", kv_pool, need_sort=False)
     else:
-        allocator = PagedTokenToKVPoolAllocator(POOL_TOKENS, page_size, dtype, "cpu", kv_pool, need_sort=False)
+        allocator = PagedTokenToKVPoolAllocator(pool_tokens, page_size, dtype, "cpu", kv_pool, need_sort=False)
     tree = compat.make_radix_cache(req_pool, allocator, page_size)
     settings = EngineSettings(policy=policy, ring_rows=ring_rows, debug_checks=debug_checks, batch_slack=batch_slack,
                               scoring_lse=scoring_lse, step_requests=step_requests, ring_store=ring_store)
     shape = ams_runtime.ModelShape(num_layers=LAYERS, start_layer=0, num_kv_heads=kv_heads, num_q_heads=q_heads,
                                    head_dim=HEAD_DIM, dtype=dtype, scale=HEAD_DIM ** -0.5, heads=heads)
     rt = ams_runtime.Runtime(settings, shape, kv_pool, req_pool, allocator, tiny_rope(),
-                             ams_runtime.ring_rows_for(settings, POOL_TOKENS))
+                             ams_runtime.ring_rows_for(settings, pool_tokens))
     ams_runtime.install(rt)
     return Env(rt, Compactor(rt, trace=trace), kv_pool, req_pool, allocator, tree, gen)
 
