@@ -105,7 +105,7 @@ class PolicyConfig:
         # adaptive layer budgets split the budget by window attention (layer_budget.py)
         return need | Inputs(queries=True, attention=True) if self.layer_budget == "adaptive" else need
 
-    @property
+    @functools.cached_property
     def needs_queries(self) -> bool:
         """Whether compaction reads window queries (the engine's query ring)."""
         return self.inputs.reads_window
@@ -129,7 +129,7 @@ class PolicyConfig:
         """Front tokens never moved: the shared prefix, or the sink if that is longer."""
         return max(prefix, self.sink)
 
-    @property
+    @functools.cached_property
     def lead_tokens(self) -> int:
         """Tokens a request may decode past its trigger before it can compact: MIN_DECODE_STEPS steps before it may
         take a query-ring row, then a full window of queries written after that (the two add up, they don't
