@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from sglang_ams.engine import request_state
+from sglang_ams.engine import sglang_compat as compat
 from sglang_ams.engine.compactor import Compactor
 
 from .checks import compacted, step
@@ -56,7 +57,7 @@ def test_losing_the_ring_row_clears_the_wake():
         if st().ring_row:
             break
     assert st().ring_row and st().wake == st().ring_start + env.rt.settings.policy.window
-    st().release_ring_row(env.rt.ring, req.req_pool_idx)
+    st().release_ring_row(env.rt.ring, compat.pool_idx(req))
     assert st().wake == 0 and not st().ring_row
     step(env, batch)
     assert st().ring_row
