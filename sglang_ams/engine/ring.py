@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from ..kernels.ring_store import store_queries
 from ..transfer import to_device
 
 
@@ -117,7 +118,6 @@ class QueryRing:
     def store(self, layer: int, q: torch.Tensor, lse: torch.Tensor | None, req_pool_indices: torch.Tensor,
               positions: torch.Tensor) -> None:
         """write and write_lse in one kernel that skips requests without a row (--ams-ring-store triton)."""
-        from ..kernels.ring_store import store_queries
         store_queries(self.buf, self.lse, self.row_of, layer, q, lse, req_pool_indices, positions)
         if lse is not None:
             self.lse_layers.add(layer)
