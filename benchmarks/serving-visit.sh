@@ -56,13 +56,13 @@ for phase in "$@"; do
       --count-scale "${COUNT_SCALE:-1}" --port "$PORT" \
       --server-args="${SERVER_ARGS:---load-format dummy --attention-backend flashinfer --stream-interval 8}" \
       --policy-args="${POLICY_ARGS:-}" --run-timeout "${RUN_TIMEOUT:-480}" --startup-timeout 400 --out "$SV" \
-      > "$OUT/serving.log" 2>&1
+      --deadline $(( ${LIMIT_S:-570} - 15 )) > "$OUT/serving.log" 2>&1
     rc=$?
     cp "$SV"/summary.json "$SV"/summary.md "$SV"/summary.png "$OUT/" 2>/dev/null
     (cd "$SV" && tar czf "$OUT/runs.tgz" runs 2>/dev/null)
     grep -E '^\[[0-9]+/[0-9]+\] [a-z_]+_r[0-9]+: ' "$OUT/serving.log" | grep -v -E ': (starting|stopping) server|: running ' | tail -20
     n=$(python3 -c "import json, sys; print(len(json.load(open(sys.argv[1]))['entries']))" "$SV/summary.json" 2>/dev/null)
-    say "run: driver rc $rc (124: stopped at LIMIT_S), ${n:-0} entries in $SV"
+    say "run: driver rc $rc (124: stopped at LIMIT_S; 3: a run not started, it would have passed LIMIT_S), ${n:-0} entries in $SV"
     TABLE=$(sed -n '/^wrote /,$p' "$OUT/serving.log" | tail -n +2);;
   start)     # the same driver in the background, for runs longer than one device call (heavy_pressure)
     mkdir -p "$SV"; rm -f "$SV/driver.done"
@@ -70,7 +70,8 @@ for phase in "$@"; do
       --python python3 --client-python python3 --workloads ${WORKLOADS:-short_chat} --configs ${CONFIGS:-production,ams} \
       --repeats ${REPEATS:-2} --first-repeat ${FIRST_REPEAT:-1} --scale ${SCALE:-1} --count-scale ${COUNT_SCALE:-1} \
       --port $PORT --server-args='${SERVER_ARGS:---load-format dummy --attention-backend flashinfer --stream-interval 8}' \
-      --policy-args='${POLICY_ARGS:-}' --run-timeout ${RUN_TIMEOUT:-2400} --startup-timeout 400 --out $SV; \
+      --policy-args='${POLICY_ARGS:-}' --run-timeout ${RUN_TIMEOUT:-2400} --startup-timeout 400 --out $SV \
+      --deadline $(( ${LIMIT_S:-3000} - 15 )); \
       echo \$? > $SV/driver.done" > "$SV/driver.log" 2>&1 < /dev/null &)
     say "start: driver in the background, log $SV/driver.log";;
   wait)      # WAIT_S seconds at most (keep it under the call's limit); then what has finished so far

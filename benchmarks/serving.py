@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--startup-timeout", type=float, default=1200, help="seconds to wait for /health")
     p.add_argument("--run-timeout", type=float, default=1800, help="seconds one bench_serving run may take")
     p.add_argument("--poll-interval", type=float, default=1.0, help="seconds between /metrics polls")
+    p.add_argument("--deadline", type=float, default=None, metavar="S",
+                   help="seconds the whole driver may take: a run is not started when an earlier run of its "
+                        "workload says it would end past them (a device call's limit would cut it mid-way)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/serving-...)")
     p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="DIR",
                    help="combine the summary.json of these folders into --out; runs nothing")
@@ -326,6 +329,16 @@ def execute(args, r: dict, env: dict, tag: str) -> dict:
         server.stop()
 
 
+def fits(entries: list[dict], workload: str, elapsed: float, deadline: float | None, margin: float = 20.0) -> bool:
+    """Whether a run of `workload` started after `elapsed` seconds ends before `deadline`, judged by the longest
+    finished run of that workload (server start plus client); with none finished yet, start it."""
+    if deadline is None:
+        return True
+    spans = [(e.get("server_ready_s") or 0) + (e.get("wall_s") or 0) for e in entries
+             if e["workload"] == workload and e.get("wall_s")]
+    return not spans or elapsed + max(spans) + margin <= deadline
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -420,8 +433,14 @@ def main(argv=None) -> int:
     env = client_env(args.client_python)
     previous = signal.signal(signal.SIGTERM, _interrupt)   # `timeout` stops us: the finally blocks stop the server
     code = 0
+    started = time.monotonic()
     try:
         for i, r in enumerate(runs, 1):
+            if not fits(entries, r["workload"], time.monotonic() - started, args.deadline):
+                print(f"[{i}/{len(runs)}] {r['run']}: not started, it would end past --deadline {args.deadline:g} s; "
+                      f"{len(runs) - i} later runs not tried either", flush=True)
+                code = 3
+                break
             entry = execute(args, r, env, f"[{i}/{len(runs)}] {r['run']}")
             print(f"[{i}/{len(runs)}] {r['run']}: {entry.get('completed')}/{r['num_prompts']} completed, "
                   f"{entry.get('output_throughput') or 0:.0f} output tok/s, P99 ITL {entry.get('p99_itl_ms')}, "

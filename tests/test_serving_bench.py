@@ -447,6 +447,11 @@ def test_driver_against_the_stand_in_server(stand_ins, tmp_path, capsys):
     late = json.loads((out / "summary.json").read_text())["entries"][-1]
     assert late["repeat"] == 3 and "--run-timeout 2 s" in late["error"] and late["wall_s"] < 30
     assert late["bench_rc"] is not None and late["completed"] is None
+    # a run that earlier runs of its workload say would end past --deadline is not started
+    argv4 = [a for a in argv] + ["--first-repeat", "4", "--configs", "ams", "--deadline", "1"]
+    assert serving.main(argv4) == 3
+    assert "not started, it would end past --deadline 1 s" in capsys.readouterr().out
+    assert [x["repeat"] for x in json.loads((out / "summary.json").read_text())["entries"]] == [1, 1, 2, 3]
 
 
 def test_driver_stops_its_server_on_sigterm(stand_ins, tmp_path):
@@ -504,3 +509,14 @@ def test_real_bench_serving_against_the_stand_in(stand_ins, tmp_path):
     assert e["compactions"] == 27 * 10 and e["peak_running"] >= 1      # + bench_serving's warm-up request
     assert e["p99_itl_after_first_ms"] > 0 and e["stalls_later"] >= 0     # --output-details reached the entry
     assert "itls" not in rep.read_bench_output(Path(e["run_dir"]) / "bench.jsonl")     # and was stripped
+
+
+def test_a_run_that_would_pass_the_deadline_is_not_started():
+    done = [entry("shared_prefix", "production", 1, 8700, 30, server_ready_s=73.0, wall_s=90.0),
+            entry("short_chat", "production", 1, 13000, 200, server_ready_s=65.0, wall_s=300.0)]
+    # the case that cut a visit's AMS run: 163 s of shared_prefix left to run after 170 s of a 315 s deadline
+    assert not serving.fits(done, "shared_prefix", elapsed=170, deadline=315)
+    assert serving.fits(done, "shared_prefix", elapsed=100, deadline=315)
+    assert serving.fits(done, "shared_prefix", elapsed=10_000, deadline=None)
+    assert serving.fits(done, "long_prompts", elapsed=300, deadline=315)     # nothing to judge by: start it
+    assert not serving.fits(done, "short_chat", elapsed=0, deadline=300)     # judged by its own workload only
