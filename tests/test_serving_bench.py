@@ -514,7 +514,8 @@ def test_real_bench_serving_against_the_stand_in(stand_ins, tmp_path):
 def test_a_run_that_would_pass_the_deadline_is_not_started():
     done = [entry("shared_prefix", "production", 1, 8700, 30, server_ready_s=73.0, wall_s=90.0),
             entry("short_chat", "production", 1, 13000, 200, server_ready_s=65.0, wall_s=300.0)]
-    # the case that cut a visit's AMS run: 163 s of shared_prefix left to run after 170 s of a 315 s deadline
+    # a second shared_prefix run (163 s, as the first) started after 170 s would end at 333 s: past a 315 s
+    # deadline less the 20 s margin
     assert not serving.fits(done, "shared_prefix", elapsed=170, deadline=315)
     assert serving.fits(done, "shared_prefix", elapsed=100, deadline=315)
     assert serving.fits(done, "shared_prefix", elapsed=10_000, deadline=None)

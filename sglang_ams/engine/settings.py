@@ -38,7 +38,7 @@ class EngineSettings:
     ring_store: str = setting("triton", "ams_ring_store", "how a decode step puts each layer's queries (and their "
                               "LSE) into the query ring: triton: one kernel per layer that stores only for "
                               "requests holding a row; torch: two indexed stores per layer for every request, "
-                              "those without a row into a trash row (7-13x the GPU time inside a decode graph on "
+                              "those without a row into a trash row (4-13x the GPU time inside a decode graph on "
                               "an H200)", Choice(RING_STORES))
     batch_slack: float = setting(0.5, "ams_batch_slack", "a request this fraction of its interval short of its "
                                  "trigger compacts in the same step as a request at its trigger (fewer, larger "
