@@ -447,7 +447,7 @@ def test_driver_against_the_stand_in_server(stand_ins, tmp_path, capsys):
     late = json.loads((out / "summary.json").read_text())["entries"][-1]
     assert late["repeat"] == 3 and "--run-timeout 2 s" in late["error"] and late["wall_s"] < 30
     assert late["bench_rc"] is not None and late["completed"] is None
-    # a run that earlier runs of its workload say would end past --deadline is not started
+    # a run that earlier runs of its workload and config say would end past --deadline is not started
     argv4 = [a for a in argv] + ["--first-repeat", "4", "--configs", "ams", "--deadline", "1"]
     assert serving.main(argv4) == 3
     assert "not started, it would end past --deadline 1 s" in capsys.readouterr().out
@@ -513,11 +513,20 @@ def test_real_bench_serving_against_the_stand_in(stand_ins, tmp_path):
 
 def test_a_run_that_would_pass_the_deadline_is_not_started():
     done = [entry("shared_prefix", "production", 1, 8700, 30, server_ready_s=73.0, wall_s=90.0),
-            entry("short_chat", "production", 1, 13000, 200, server_ready_s=65.0, wall_s=300.0)]
-    # a second shared_prefix run (163 s, as the first) started after 170 s would end at 333 s: past a 315 s
-    # deadline less the 20 s margin
-    assert not serving.fits(done, "shared_prefix", elapsed=170, deadline=315)
-    assert serving.fits(done, "shared_prefix", elapsed=100, deadline=315)
-    assert serving.fits(done, "shared_prefix", elapsed=10_000, deadline=None)
-    assert serving.fits(done, "long_prompts", elapsed=300, deadline=315)     # nothing to judge by: start it
-    assert not serving.fits(done, "short_chat", elapsed=0, deadline=300)     # judged by its own workload only
+            entry("short_chat", "production", 1, 13000, 200, server_ready_s=65.0, wall_s=300.0),
+            entry("heavy_pressure", "production", 1, 5896, 72, server_ready_s=87.1, wall_s=671.4),
+            entry("heavy_pressure", "ams", 1, 14998, 89, server_ready_s=74.1, wall_s=276.0)]
+    # a second shared_prefix production run (163 s, as the first) started after 170 s would end at 333 s: past a
+    # 315 s deadline less the 20 s margin
+    assert not serving.fits(done, "shared_prefix", "production", elapsed=170, deadline=315)
+    assert serving.fits(done, "shared_prefix", "production", elapsed=100, deadline=315)
+    assert serving.fits(done, "shared_prefix", "production", elapsed=10_000, deadline=None)
+    assert serving.fits(done, "long_prompts", "production", elapsed=300, deadline=315)   # nothing to judge by
+    assert not serving.fits(done, "short_chat", "production", elapsed=0, deadline=300)   # by its own run: 365 s
+    assert serving.fits(done, "short_chat", "ams", elapsed=0, deadline=300)    # short_chat AMS has not run
+    # a config not run yet starts whatever the others took (heavy AMS after production's 758 s) ...
+    assert serving.fits(done[:3], "heavy_pressure", "ams", elapsed=770, deadline=1485)
+    # ... and one that ran is judged by its own longest run (AMS 350 s; production 758 s)
+    assert not serving.fits(done, "heavy_pressure", "production", elapsed=770, deadline=1485)
+    assert serving.fits(done, "heavy_pressure", "ams", elapsed=1100, deadline=1485)
+    assert not serving.fits(done, "heavy_pressure", "ams", elapsed=1200, deadline=1485)
