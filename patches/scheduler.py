@@ -30,6 +30,25 @@ def _check_scheduler(scheduler) -> None:
         raise ams_runtime.Unsupported("speculative decoding is not supported")
 
 
+def decode_graph_max_bs(server_args) -> int | None:
+    """The largest batch SGLang decodes in a CUDA graph; None where decode graphs are off or unknown."""
+    decode = getattr(getattr(server_args, "cuda_graph_config", None), "decode", None)
+    if decode is None:                                      # SGLang before the per-phase graph config
+        return None if getattr(server_args, "disable_cuda_graph", False) else getattr(server_args,
+                                                                                      "cuda_graph_max_bs", None)
+    return None if getattr(decode, "backend", None) == "disabled" else getattr(decode, "max_bs", None)
+
+
+def graph_hint(max_running: int | None, graph_max_bs: int | None) -> str | None:
+    """Compaction lets more requests run at once than SGLang's decode graphs cover (they stop at 256 on an H200
+    by default): say so at startup, since past them every decode step runs eagerly."""
+    if not max_running or not graph_max_bs or max_running <= graph_max_bs:
+        return None
+    return (f"sglang-ams: up to {max_running} requests can run, but decode CUDA graphs stop at batch "
+            f"{graph_max_bs} and larger batches decode eagerly; with compaction more requests run at once, so "
+            f"consider --cuda-graph-max-bs-decode {min(max_running, 512)} (README, serving benchmark)")
+
+
 def init_hook(result, self, *args, **kwargs):
     from . import engine_hooks, flag_hooks, verify_applied
     settings = settings_of(self.server_args)
@@ -60,6 +79,9 @@ def init_hook(result, self, *args, **kwargs):
                 p.window, settings.prompt_cache, f"{rt.ring.rows} rows" if rt.ring is not None else "off",
                 rt.overhead_bytes() / 2**20, 100.0 * rt.overhead_bytes() / max(1, rt.kv_pool_bytes()),
                 rt.workspace_bytes / 2**20, 100.0 * rt.workspace_bytes / max(1, rt.kv_pool_bytes()))
+    hint = graph_hint(getattr(self, "max_running_requests", None), decode_graph_max_bs(self.server_args))
+    if hint:
+        logger.info(hint)
 
 
 def update_running_batch_hook(orig, self, batch):

@@ -217,3 +217,24 @@ def test_verify_applied_names_missing_hooks():
     from sglang_ams.patches import verify_applied
     with pytest.raises(RuntimeError, match="failed to apply.*no.such.Target"):
         verify_applied([("no.such.Target.fn", None, "after")], "test")
+
+
+def test_decode_graph_limit_is_read_from_real_server_args(plugins, clean_env, tiny_model):
+    from sglang.srt.model_executor.cuda_graph_config import CudaGraphConfig, PhaseConfig
+
+    from sglang_ams.patches.scheduler import decode_graph_max_bs, graph_hint
+    sa = _cli(tiny_model, "--kv-policy", "ams")
+    decode_graph_max_bs(sa)                 # on a CPU device SGLang turns decode graphs off (or leaves no config)
+
+    def decode_graphs(backend, max_bs):     # as a GPU server has them (0.5.17 resolves the config read-only)
+        if sa.cuda_graph_config is None:
+            sa.cuda_graph_config = CudaGraphConfig(decode=PhaseConfig())
+        sa.cuda_graph_config.decode.backend, sa.cuda_graph_config.decode.max_bs = backend, max_bs
+    decode_graphs("disabled", 384)
+    assert decode_graph_max_bs(sa) is None
+    decode_graphs("full", 384)
+    assert decode_graph_max_bs(sa) == 384
+    hint = graph_hint(1024, decode_graph_max_bs(sa))
+    assert "batch 384" in hint and "--cuda-graph-max-bs-decode 512" in hint
+    assert graph_hint(300, 384) is None and graph_hint(None, 384) is None and graph_hint(1024, None) is None
+    assert "--cuda-graph-max-bs-decode 300" in graph_hint(300, 256)
