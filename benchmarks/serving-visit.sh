@@ -13,8 +13,10 @@
 #   WORKLOADS  long_reasoning,heavy_pressure,short_chat,long_prompts,shared_prefix (default: short_chat)
 #   CONFIGS    production,ams,topk,full (default production,ams)    REPEATS (2)   FIRST_REPEAT (1)   SCALE (1)
 #   COUNT_SCALE  factor on request counts only (1; shared_prefix's 192 requests may need 3+ for the 60 s asked)
-#   SERVER_ARGS  flags for every server (default: dummy weights, flashinfer on both sides as in the issue, and
-#                --stream-interval 8: at 1 the output path capped both servers at ~4.4k tok/s on the H200 machine)
+#   SERVER_ARGS  flags for every server (default: dummy weights, flashinfer on both sides as in the issue,
+#                --stream-interval 8: at 1 the output path capped both servers at ~4.4k tok/s on the H200 machine,
+#                and decode graphs to batch 512 on both, as README's serving section advises with a policy on;
+#                runs whose NOTES.md name no --cuda-graph-max-bs-decode ran at SGLang's 256)
 #   POLICY_ARGS  flags for ams/topk servers     LIMIT_S  seconds for the driver (570; it stops its server then)
 #   PORT (30000; tests/gpu/on-gpus.sh gives each job its own)   SV  the results folder ($TMP/serving-$PORT)
 # Several GPUs: `setup` once, then tests/gpu/on-gpus.sh 590 "0=CONFIGS=production bash benchmarks/serving-visit.sh run"
@@ -34,6 +36,7 @@ PORT=${PORT:-30000}
 SV=${SV:-$TMP/serving-$PORT}
 SUMMARY=()
 TABLE=""
+DEFAULT_SERVER_ARGS="--load-format dummy --attention-backend flashinfer --stream-interval 8 --cuda-graph-max-bs-decode 512"
 say() { SUMMARY+=("$*"); echo "### $*"; }
 
 for phase in "$@"; do
@@ -54,7 +57,7 @@ for phase in "$@"; do
       --client-python python3 --workloads "${WORKLOADS:-short_chat}" --configs "${CONFIGS:-production,ams}" \
       --repeats "${REPEATS:-2}" --first-repeat "${FIRST_REPEAT:-1}" --scale "${SCALE:-1}" \
       --count-scale "${COUNT_SCALE:-1}" --port "$PORT" \
-      --server-args="${SERVER_ARGS:---load-format dummy --attention-backend flashinfer --stream-interval 8}" \
+      --server-args="${SERVER_ARGS:-$DEFAULT_SERVER_ARGS}" \
       --policy-args="${POLICY_ARGS:-}" --run-timeout "${RUN_TIMEOUT:-480}" --startup-timeout 400 --out "$SV" \
       --deadline $(( ${LIMIT_S:-570} - 15 )) > "$OUT/serving.log" 2>&1
     rc=$?
@@ -69,7 +72,7 @@ for phase in "$@"; do
     (setsid nohup bash -c "timeout -k 20 ${LIMIT_S:-3000} python3 benchmarks/serving.py --model-path $MODEL \
       --python python3 --client-python python3 --workloads ${WORKLOADS:-short_chat} --configs ${CONFIGS:-production,ams} \
       --repeats ${REPEATS:-2} --first-repeat ${FIRST_REPEAT:-1} --scale ${SCALE:-1} --count-scale ${COUNT_SCALE:-1} \
-      --port $PORT --server-args='${SERVER_ARGS:---load-format dummy --attention-backend flashinfer --stream-interval 8}' \
+      --port $PORT --server-args='${SERVER_ARGS:-$DEFAULT_SERVER_ARGS}' \
       --policy-args='${POLICY_ARGS:-}' --run-timeout ${RUN_TIMEOUT:-2400} --startup-timeout 400 --out $SV \
       --deadline $(( ${LIMIT_S:-3000} - 15 )); \
       echo \$? > $SV/driver.done" > "$SV/driver.log" 2>&1 < /dev/null &)
