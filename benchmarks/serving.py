@@ -7,10 +7,12 @@ For each workload, repeat and configuration it starts `python -m sglang.launch_s
 waits for /health, runs `python -m sglang.bench_serving --backend sglang` with a fixed --seed and an
 --output-file, reads the plugin's counters from /server_info (internal_states[i]["sglang_ams"]) before and
 after, takes the peak number of running requests from the server log's "#running-req: N" lines (logged every
-40 decode steps) and from a 1 s poll of /metrics, stops the server, and writes summary.json, summary.md and
-summary.png to --out (default benchmarks/results/serving-<date>-<gpu>). An --out that already holds a
-summary.json keeps its entries, except those of the same (workload, config, repeat), so runs of several visits
-accumulate; --merge DIR... combines the summaries of several folders into --out without running anything.
+40 decode steps) and from a 1 s poll of /metrics, and the median decode rate those lines log at >= 95 % of
+their peak (full_load_decode_tok_s: the engine at full load, apart from ramp, tail and client), stops the
+server, and writes summary.json, summary.md and summary.png to --out (default
+benchmarks/results/serving-<date>-<gpu>). An --out that already holds a summary.json keeps its entries, except
+those of the same (workload, config, repeat), so runs of several visits accumulate; --merge DIR... combines the
+summaries of several folders into --out without running anything.
 
 Configurations:  production  SGLang without the plugin (SGLANG_PLUGINS names no plugin), --server-args only
                  ams / topk  --kv-policy ams / topk, the workload's policy flags, then --policy-args
@@ -307,7 +309,9 @@ def execute(args, r: dict, env: dict, tag: str) -> dict:
         rep.strip_details(run_dir / "bench.jsonl")
         with (run_dir / "server.log").open(errors="replace") as f:
             f.seek(offset)
-            entry["peak_running_log"] = rep.peak_running(f.read())
+            log_text = f.read()
+        entry["peak_running_log"] = rep.peak_running(log_text)
+        entry["full_load_decode_tok_s"], entry["full_load_decode_samples"] = rep.full_load_decode_rate(log_text)
         polled = read_csv(run_dir / "running.csv")
         entry["peak_running_poll"] = rep.peak_polled(polled)
         entry["engine_span_s"] = rep.engine_span(polled, args.poll_interval)

@@ -24,6 +24,7 @@ PROM_COUNTERS = {"compactions": "sglang_ams:compactions_total", "launches": "sgl
 # "Decode batch, #running-req: 24, ..." (every --decode-log-interval = 40 decode steps) and the prefill line's
 # "#running-req: N" (the running batch the new prompts join)
 _RUNNING = re.compile(r"#running-req:\s*(\d+)")
+_DECODE_RATE = re.compile(r"Decode batch.*?#running-req:\s*(\d+).*?gen throughput \(token/s\):\s*([\d.]+)")
 REFERENCE = "production"
 
 
@@ -99,6 +100,20 @@ def peak_running(log_text: str) -> int | None:
     """Largest #running-req the server logged, or None when it logged none."""
     values = [int(m) for m in _RUNNING.findall(log_text)]
     return max(values) if values else None
+
+
+def full_load_decode_rate(log_text: str, band: float = 0.95) -> tuple[float | None, int]:
+    """(median decode tok/s the server logged while at least `band` of its peak logged running requests ran,
+    samples): the engine's speed at full load, apart from the ramp, the tail and the client; comparable across
+    configs at the same peak (lease-to-lease spread shows here first)."""
+    rows = [(int(r), float(g)) for r, g in _DECODE_RATE.findall(log_text)]
+    if not rows:
+        return None, 0
+    top = max(r for r, _ in rows)
+    rates = sorted(g for r, g in rows if r >= band * top)
+    mid = len(rates) // 2
+    median = rates[mid] if len(rates) % 2 else (rates[mid - 1] + rates[mid]) / 2
+    return round(median, 1), len(rates)
 
 
 def peak_polled(rows) -> int | None:
@@ -211,10 +226,10 @@ def load_summary(folder) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-ENTRY_COLUMNS = ("workload", "config", "repeat", "output_throughput", "engine_output_throughput", "median_tpot_ms",
-                 "p99_itl_ms", "mean_ttft_ms", "peak_running", "completed", "num_prompts", "compactions", "duration_s",
-                 "engine_span_s", "p99_itl_after_first_ms", "stall_s_first", "stall_s_later", "longest_step_gpu_ms",
-                 "error")
+ENTRY_COLUMNS = ("workload", "config", "repeat", "output_throughput", "engine_output_throughput",
+                 "full_load_decode_tok_s", "median_tpot_ms", "p99_itl_ms", "mean_ttft_ms", "peak_running",
+                 "completed", "num_prompts", "compactions", "duration_s", "engine_span_s", "p99_itl_after_first_ms",
+                 "stall_s_first", "stall_s_later", "longest_step_gpu_ms", "error")
 AGG_COLUMNS = ("workload", "config", "repeats", "output_throughput", "throughput_vs_production",
                "engine_output_throughput", "engine_vs_production", "p99_itl_ms",
                "p99_itl_vs_production", "mean_ttft_ms", "ttft_vs_production", "median_tpot_ms", "peak_running",

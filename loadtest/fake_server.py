@@ -96,7 +96,9 @@ class State:
             time.sleep(self.args.decode_log_s)
             if self.running:
                 print(f"[fake] Decode batch, #running-req: {self.running}, #token: {self.used}, "
-                      f"token usage: {self.used / self.args.max_total_tokens:.2f}, #queue-req: {self.queued}, ",
+                      f"token usage: {self.used / self.args.max_total_tokens:.2f}, "
+                      f"gen throughput (token/s): {self.running * 1000 / self.args.token_ms:.2f}, "
+                      f"#queue-req: {self.queued}, ",
                       flush=True)
 
 

@@ -119,6 +119,14 @@ def test_peak_running_from_the_log():
         "[2026-12-01 10:00:04] Decode batch, #running-req: 12, #token: 9000, token usage: 0.09, "])
     assert rep.peak_running(log) == 160
     assert rep.peak_running("server started\nno batches yet\n") is None
+    # full load: decode lines at >= 95 % of the peak that logged a rate (160 and 155 here, not 57 or 12)
+    rated = log + "\n" + "\n".join(
+        f"[2026-12-01 10:00:0{i}] Decode batch, #running-req: {r}, #token: 9, token usage: 0.9, cuda graph: True, "
+        f"gen throughput (token/s): {g:.2f}, #queue-req: 0, " for i, (r, g) in enumerate(
+            [(160, 9000.0), (155, 8000.0), (160, 9400.0), (151, 100.0), (160, 9600.0), (57, 7000.0)]))
+    assert rep.full_load_decode_rate(rated) == (9200.0, 4)
+    assert rep.full_load_decode_rate(log) == (5000.0, 1)       # (only the 57-request line logged a rate)
+    assert rep.full_load_decode_rate("no batches\n") == (None, 0)
     assert rep.peak_polled([{"running": "3.0"}, {"running": ""}, {"running": "41"}, {}]) == 41
     assert rep.peak_polled([{"running": None}]) is None
 
@@ -507,6 +515,7 @@ def test_real_bench_serving_against_the_stand_in(stand_ins, tmp_path):
     assert e["error"] is None and e["completed"] == 26 and e["output_throughput"] > 0
     assert e["median_tpot_ms"] > 0 and e["p99_itl_ms"] > 0 and e["mean_ttft_ms"] > 0
     assert e["compactions"] == 27 * 10 and e["peak_running"] >= 1      # + bench_serving's warm-up request
+    assert e["full_load_decode_tok_s"] > 0 and e["full_load_decode_samples"] >= 1     # the fake logs its rate
     assert e["p99_itl_after_first_ms"] > 0 and e["stalls_later"] >= 0     # --output-details reached the entry
     assert "itls" not in rep.read_bench_output(Path(e["run_dir"]) / "bench.jsonl")     # and was stripped
 
