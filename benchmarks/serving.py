@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll-interval", type=float, default=1.0, help="seconds between /metrics polls")
     p.add_argument("--deadline", type=float, default=None, metavar="S",
                    help="seconds the whole driver may take: a run is not started when an earlier run of its "
-                        "workload says it would end past them (a device call's limit would cut it mid-way)")
+                        "workload and config says it would end past them (a device call's limit would cut it "
+                        "mid-way)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/serving-...)")
     p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="DIR",
                    help="combine the summary.json of these folders into --out; runs nothing")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import statistics
 from pathlib import Path
 
 # What every entry carries (the columns); the rest of an entry is detail.
@@ -110,10 +111,8 @@ def full_load_decode_rate(log_text: str, band: float = 0.95) -> tuple[float | No
     if not rows:
         return None, 0
     top = max(r for r, _ in rows)
-    rates = sorted(g for r, g in rows if r >= band * top)
-    mid = len(rates) // 2
-    median = rates[mid] if len(rates) % 2 else (rates[mid - 1] + rates[mid]) / 2
-    return round(median, 1), len(rates)
+    rates = [g for r, g in rows if r >= band * top]
+    return round(statistics.median(rates), 1), len(rates)
 
 
 def peak_polled(rows) -> int | None:

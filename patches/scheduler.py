@@ -31,12 +31,12 @@ def _check_scheduler(scheduler) -> None:
 
 
 def decode_graph_max_bs(server_args) -> int | None:
-    """The largest batch SGLang decodes in a CUDA graph; None where decode graphs are off or unknown."""
+    """The largest batch SGLang decodes in a CUDA graph (its per-phase graph config, 0.5.17 and 0.5.23); None
+    where decode graphs are off or the config is not resolved."""
     decode = getattr(getattr(server_args, "cuda_graph_config", None), "decode", None)
-    if decode is None:                                      # SGLang before the per-phase graph config
-        return None if getattr(server_args, "disable_cuda_graph", False) else getattr(server_args,
-                                                                                      "cuda_graph_max_bs", None)
-    return None if getattr(decode, "backend", None) == "disabled" else getattr(decode, "max_bs", None)
+    if decode is None or getattr(decode, "backend", None) == "disabled":
+        return None
+    return getattr(decode, "max_bs", None)
 
 
 def graph_hint(max_running: int | None, graph_max_bs: int | None) -> str | None:
