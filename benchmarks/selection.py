@@ -2,6 +2,8 @@
 compaction step that runs as separate torch operations rather than as Triton kernels (177 top-level aten calls
 per chunk for AMS, 32 for top-k, counted by --dry-run on the CPU; the same for any number of requests; 256 and 46
 before the selection arithmetic was tightened, which the H200 run of 2026-12-02 measured at 265-285 kernel launches).
+`ams-triton` is the same AMS selection as one kernel (--ams-selection triton; rows up to 4096 tokens): each of
+its rows is also checked to equal the torch path's result.
 
     python benchmarks/selection.py              # GPU: the grid below, JSON under benchmarks/results/
     python benchmarks/selection.py --dry-run    # CPU: tiny shapes, checks only, no timings, nothing saved
@@ -28,6 +30,7 @@ from results_io import save, table  # noqa: E402
 
 from sglang_ams.config import PolicyConfig  # noqa: E402
 from sglang_ams.engine.step_profile import top_level_aten  # noqa: E402
+from sglang_ams.kernels.select_ams import MAX_TOKENS  # noqa: E402
 from sglang_ams.selection import select_ams, select_topk  # noqa: E402
 
 LAYERS, KV_HEADS = 32, 8                       # Llama-3-8B
@@ -50,8 +53,9 @@ def calls(policy, cfg, inputs, budget):
     n = lengths.shape[0]
     pinned = torch.full((n,), cfg.sink, device=lengths.device)
     keep = torch.full((n,), budget, device=lengths.device)
-    if policy == "ams":
-        return lambda: select_ams(scores, evidence, lengths, pinned, keep, cfg, credit, k_max=budget)
+    if policy in ("ams", "ams-triton"):
+        kernel = policy == "ams-triton"
+        return lambda: select_ams(scores, evidence, lengths, pinned, keep, cfg, credit, k_max=budget, kernel=kernel)
     return lambda: select_topk(scores, lengths, pinned, keep, cfg.keep_lastn, k_max=budget)
 
 
@@ -115,9 +119,17 @@ def main(argv=None):
             if row_tokens * cfg.selector.transient_bytes(4) > a.mem_gb * 1e9:
                 continue
             inputs = make_inputs(n, layers, heads, t, device)
-            for policy in ("ams", "topk"):
+            reference = None
+            for policy in ("ams", "ams-triton", "topk"):
+                if policy == "ams-triton" and t > MAX_TOKENS:
+                    continue
                 fn = calls(policy, cfg, inputs, budget)
                 sel = fn()
+                if policy == "ams":
+                    reference = sel
+                elif policy == "ams-triton":
+                    assert torch.equal(sel.indices, reference.indices) and torch.equal(sel.credit, reference.credit), \
+                        "the selection kernel differs from the torch selection"
                 kept = (sel.indices >= 0).sum(-1)
                 assert int(kept.min()) == int(kept.max()) == min(budget, t), "every (layer, head) keeps B"
                 row = {"policy": policy, "tokens": t, "requests": n, "kept": budget,

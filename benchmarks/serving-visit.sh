@@ -84,8 +84,10 @@ for phase in "$@"; do
     cp "$SV"/summary.json "$SV"/summary.md "$SV"/summary.png "$SV/driver.log" "$OUT/" 2>/dev/null
     (cd "$SV" && tar czf "$OUT/runs.tgz" runs 2>/dev/null)
     say "wait: $( [ -f "$SV/driver.done" ] && echo "driver exited $(cat "$SV/driver.done")" || echo "still running")";;
-  checks)    # the GPU tests of the decode-path hooks (fused ring store under graph capture, FlashInfer's LSE)
-    (cd tests && python3 -m pytest -q -m gpu -p no:cacheprovider --rootdir=. test_ring_store.py test_flashinfer_lse.py) \
+  checks)    # GPU tests: the decode-path hooks (fused ring store under graph capture, FlashInfer's LSE) and the
+             # selection kernel against the torch selection at 8B chunk shapes
+    (cd tests && python3 -m pytest -q -m gpu -p no:cacheprovider --rootdir=. test_ring_store.py test_flashinfer_lse.py \
+      test_select_kernel.py) \
       > "$OUT/checks.log" 2>&1
     say "checks: $(tail -1 "$OUT/checks.log")";;
   savejit)

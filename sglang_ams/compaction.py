@@ -16,9 +16,10 @@ def scorer_for(cfg: PolicyConfig) -> Scorer:
 
 
 def plan(cfg: PolicyConfig, scorer: Scorer, inputs: ScoreInputs, n_pinned: torch.Tensor, n_keep: torch.Tensor,
-         credit: torch.Tensor | None = None, k_max: int | None = None) -> Selection:
-    """Keep indices [N, L, H, K] for a batch of requests: the scorer's scores, then the policy's selector."""
-    return cfg.selector.select(scorer.score(inputs), inputs, n_pinned, n_keep, credit, k_max)
+         credit: torch.Tensor | None = None, k_max: int | None = None, kernel: bool = False) -> Selection:
+    """Keep indices [N, L, H, K] for a batch of requests: the scorer's scores, then the policy's selector
+    (kernel: AMS selects in one Triton launch where its rows fit)."""
+    return cfg.selector.select(scorer.score(inputs), inputs, n_pinned, n_keep, credit, k_max, kernel)
 
 
 def gather_kept(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

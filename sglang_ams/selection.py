@@ -33,6 +33,9 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from .kernels import select_ams as ams_kernel
+from .kernels.scoring import interpreting
+
 if TYPE_CHECKING:       # (cfg is any object with the AMS fields: a PolicyConfig or the AMS selector)
     from .config import PolicyConfig
 
@@ -211,9 +214,19 @@ def _rank_in_segment(scores: torch.Tensor, sid: torch.Tensor, lens: torch.Tensor
 
 def select_ams(scores: torch.Tensor, evidence: torch.Tensor | None, lengths: torch.Tensor,
                n_pinned: torch.Tensor, n_keep: torch.Tensor, cfg: PolicyConfig,
-               credit: torch.Tensor | None = None, k_max: int | None = None) -> Selection:
-    """AMS: mass → credit → segments → quotas → per-segment top tokens, union pinned and recent."""
+               credit: torch.Tensor | None = None, k_max: int | None = None, kernel: bool = False) -> Selection:
+    """AMS: mass → credit → segments → quotas → per-segment top tokens, union pinned and recent.
+
+    kernel: the same result from one Triton launch (kernels/select_ams.py) where rows fit it and Triton can run;
+    lengths must then not exceed T (as in every compaction)."""
     t = scores.shape[-1]
+    if kernel and ams_kernel.fits(t) and (scores.is_cuda or interpreting()):
+        if evidence is None and cfg.use_mass:
+            raise ValueError("AMS needs attention evidence (window queries) unless use_mass is off")
+        keep = _keep_counts(lengths, n_keep)
+        idx, carried, sid = ams_kernel.select_ams_rows(scores, evidence, credit, lengths, n_pinned, keep,
+                                                        _max_keep(keep, t, k_max), cfg)
+        return Selection(indices=idx, n_keep=keep, credit=carried, segment_ids=sid)
     reg = _regions(lengths, n_pinned, cfg.keep_lastn, t)
     if evidence is None:
         if cfg.use_mass:

@@ -37,7 +37,7 @@ class Selector:
         return self.select_bytes
 
     def select(self, scores: torch.Tensor, inputs: ScoreInputs, n_pinned: torch.Tensor, n_keep: torch.Tensor,
-               credit: torch.Tensor | None = None, k_max: int | None = None) -> Selection:
+               credit: torch.Tensor | None = None, k_max: int | None = None, kernel: bool = False) -> Selection:
         return select_topk(scores, inputs.lengths, n_pinned, n_keep, self.keep_lastn, k_max)
 
 
@@ -87,11 +87,11 @@ class AMS(Selector):
         extra = 4 * group + 4 if self.use_mass else 0      # evidence: pooled mean rows, mean over the group
         return self.select_bytes + extra + (4 if self.use_credit else 0)   # credit laid out over the tokens
 
-    def select(self, scores, inputs, n_pinned, n_keep, credit=None, k_max=None):
+    def select(self, scores, inputs, n_pinned, n_keep, credit=None, k_max=None, kernel=False):
         evidence = None
         if self.use_mass:
             evidence = attention_evidence(inputs.window_attention(), inputs.num_kv_heads, self.pool_kernel)
-        return select_ams(scores, evidence, inputs.lengths, n_pinned, n_keep, self, credit, k_max)
+        return select_ams(scores, evidence, inputs.lengths, n_pinned, n_keep, self, credit, k_max, kernel)
 
 
 @register

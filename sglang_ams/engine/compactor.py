@@ -317,7 +317,8 @@ class Compactor:
 
     def _select(self, items: list[Due], launch: Launch, inputs: ScoreInputs, credit):
         cfg = items[0].state.cfg
-        sel = plan(cfg, self._scorer(cfg), inputs, launch.n_pinned, launch.n_keep, credit, k_max=launch.k_max)
+        sel = plan(cfg, self._scorer(cfg), inputs, launch.n_pinned, launch.n_keep, credit, k_max=launch.k_max,
+                   kernel=self.rt.settings.selection == "triton")
         if self.rt.settings.debug_checks:
             check_pinned_in_place(sel.indices, items)
         return sel

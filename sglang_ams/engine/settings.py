@@ -20,6 +20,7 @@ ENV_VAR = "AMS_KV_CONFIG"
 PROMPT_CACHE_MODES = ("private", "cached")
 SCORING_LSE_MODES = ("decode", "recompute")
 RING_STORES = ("torch", "triton")
+SELECTIONS = ("torch", "triton")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +41,10 @@ class EngineSettings:
                               "requests holding a row; torch: two indexed stores per layer for every request, "
                               "those without a row into a trash row (4-13x the GPU time inside a decode graph on "
                               "an H200)", Choice(RING_STORES))
+    selection: str = setting("torch", "ams_selection", "how a compaction step selects AMS's kept tokens: torch: "
+                             "~180 tensor operations per chunk; triton: one kernel, a program per (request, layer, "
+                             "KV head) row of up to 4096 tokens, the same result bit for bit (longer rows take the "
+                             "torch path)", Choice(SELECTIONS))
     batch_slack: float = setting(0.5, "ams_batch_slack", "a request this fraction of its interval short of its "
                                  "trigger compacts in the same step as a request at its trigger (fewer, larger "
                                  "steps); 0: each request compacts exactly at its trigger",

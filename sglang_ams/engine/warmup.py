@@ -5,7 +5,8 @@ unspecialised, see kernels/). Left to the first real compaction, that stalls eve
 or more. Here each reachable variant runs once on the pool's dummy slot 0 (SGLang reserves it for padded
 tokens, so its contents mean nothing): window attention with the decode LSE and with every split count the
 planner can choose (recomputed LSE), with and without the last row (TOVA); the dense gather; the compaction
-kernel with nothing to move; and the torch selection ops once on the device (lazy CUDA module loading).
+kernel with nothing to move; the torch selection ops once on the device (lazy CUDA module loading); and with
+`--ams-selection triton` the selection kernel for every block a row can get, with and without carried credit.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 
 from ..config import PolicyConfig
 from ..kernels.compaction import compact_kv
+from ..kernels import select_ams as ams_kernel
 from ..kernels.gather import gather_dense
 from ..kernels.scoring import default_num_splits, window_attention_pool
 from ..selection import select_ams, select_topk
@@ -68,3 +70,21 @@ def _warm_selection(rt: Runtime, tokens: int) -> None:
     cfg = PolicyConfig(policy="ams", budget=tokens // 2 - 4, interval=16, lmin=8, qmin=2)
     select_ams(scores, scores, lengths, pinned, keep, cfg, credit=scores, k_max=tokens // 2)
     select_topk(scores, lengths, pinned, keep, 8, k_max=tokens // 2)
+    if rt.settings.selection == "triton":
+        _warm_selection_kernel(rt)
+
+
+def _warm_selection_kernel(rt: Runtime) -> None:
+    """The server's AMS settings (a per-request override can turn AMS on but not change them) on one row of each
+    block size; evidence exactly when the mass is used, as the selector passes it."""
+    dev, h = rt.device, rt.shape.num_kv_heads
+    cfg = rt.settings.policy.replace(policy="ams").selector
+    block = ams_kernel.block_for(1, dev)
+    while block <= ams_kernel.MAX_TOKENS:
+        scores = torch.rand(1, 1, h, block, device=dev)
+        lengths = torch.full((1,), block, dtype=torch.long, device=dev)
+        pinned, keep = torch.zeros(1, dtype=torch.long, device=dev), torch.full((1,), block // 2, device=dev)
+        for credit in ((None, scores) if cfg.use_credit else (None,)):
+            select_ams(scores, scores if cfg.use_mass else None, lengths, pinned, keep, cfg, credit,
+                       k_max=block // 2, kernel=True)
+        block *= 2

@@ -66,7 +66,7 @@ class Env:
 
 def make_env(*, trace=True, page_size=1, dtype=torch.bfloat16, policy=CFG, ring_rows=0, seed=0, batch_slack=0.0,
              scoring_lse="decode", debug_checks=True, heads=None, step_requests=0, ring_store="torch",
-             pool_tokens=POOL_TOKENS, req_slots=8, max_context=256) -> Env:
+             selection="torch", pool_tokens=POOL_TOKENS, req_slots=8, max_context=256) -> Env:
     """Pools, allocator and radix cache as SGLang builds them, and the Runtime as our alloc_memory_pool hook does.
     `trace`: the compactor keeps what each selection got in its report (checks.check_selection reads it).
     `heads`: a tensor-parallel rank's HeadRange (its pool holds heads.kv_count heads); default all heads.
@@ -84,7 +84,8 @@ def make_env(*, trace=True, page_size=1, dtype=torch.bfloat16, policy=CFG, ring_
         allocator = PagedTokenToKVPoolAllocator(pool_tokens, page_size, dtype, "cpu", kv_pool, need_sort=False)
     tree = compat.make_radix_cache(req_pool, allocator, page_size)
     settings = EngineSettings(policy=policy, ring_rows=ring_rows, debug_checks=debug_checks, batch_slack=batch_slack,
-                              scoring_lse=scoring_lse, step_requests=step_requests, ring_store=ring_store)
+                              scoring_lse=scoring_lse, step_requests=step_requests, ring_store=ring_store,
+                              selection=selection)
     shape = ams_runtime.ModelShape(num_layers=LAYERS, start_layer=0, num_kv_heads=kv_heads, num_q_heads=q_heads,
                                    head_dim=HEAD_DIM, dtype=dtype, scale=HEAD_DIM ** -0.5, heads=heads)
     rt = ams_runtime.Runtime(settings, shape, kv_pool, req_pool, allocator, tiny_rope(),
