@@ -84,10 +84,10 @@ def _f64(bits):
 
 
 @triton.jit(do_not_specialize=["T", "K", "rows_per_req", "keep_lastn", "lmin", "lmax", "qmin", "n_max",
-                               "decay", "one_minus_decay", "mix", "one_minus_mix", "delta"])
+                               "decay", "one_minus_decay", "mix", "one_minus_mix", "inv_delta"])
 def _select_kernel(scores, evidence, credit, lengths, pinned, keep, out_idx, out_credit, out_sid,
                    T, K, rows_per_req, keep_lastn, lmin, lmax, qmin, n_max, delta32,
-                   decay, one_minus_decay, mix, one_minus_mix, delta,
+                   decay, one_minus_decay, mix, one_minus_mix, inv_delta,
                    BLOCK: tl.constexpr, POS_BITS: tl.constexpr, HAS_EVIDENCE: tl.constexpr,
                    HAS_CREDIT: tl.constexpr, USE_CREDIT: tl.constexpr, USE_MASS: tl.constexpr,
                    EQUAL_MASS: tl.constexpr):
@@ -130,7 +130,7 @@ def _select_kernel(scores, evidence, credit, lengths, pinned, keep, out_idx, out
     if EQUAL_MASS:
         total_u = tl.maximum(tl.sum(u, 0), 1).to(tl.float64)
         cum_before = (tl.cumsum(u, 0) - u).to(tl.float64) / total_u
-        raw = cum_before / _f64(delta)
+        raw = cum_before * _f64(inv_delta)
         raw = tl.minimum(tl.maximum(raw, 0.0), n_max.to(tl.float64)).to(tl.int64)
     else:
         n_c = tl.sum(comp.to(tl.int64), 0)
@@ -230,10 +230,12 @@ def select_ams_rows(scores: torch.Tensor, evidence: torch.Tensor | None, credit:
         credit.contiguous() if credit is not None else dummy, lengths, n_pinned, keep,
         idx, carried if carried is not None else idx, sid,
         t, k, nl * h, cfg.keep_lastn, cfg.lmin, cfg.lmax, cfg.qmin, n_max, float(cfg.delta),
-        *(_bits(x) for x in (cfg.credit_decay, 1.0 - cfg.credit_decay, cfg.mass_mix, 1.0 - cfg.mass_mix, cfg.delta)),
+        *(_bits(x) for x in (cfg.credit_decay, 1.0 - cfg.credit_decay, cfg.mass_mix, 1.0 - cfg.mass_mix,
+                                    1.0 / cfg.delta)),
         BLOCK=block, POS_BITS=block.bit_length() - 1, HAS_EVIDENCE=evidence is not None,
         HAS_CREDIT=credit is not None, USE_CREDIT=cfg.use_credit, USE_MASS=cfg.use_mass,
-        EQUAL_MASS=cfg.segmenter == "equal_mass", num_warps=_warps(block), enable_fp_fusion=False)
+        EQUAL_MASS=cfg.segmenter == "equal_mass", num_warps=_warps(block), enable_fp_fusion=False,
+        enable_reflect_ftz=False)      # (no flushed denormals in libdevice calls, as in torch)
     return idx, carried, sid
 
 

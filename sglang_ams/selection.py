@@ -170,7 +170,9 @@ def segment(u: torch.Tensor, reg: _Regions, cfg: PolicyConfig) -> torch.Tensor:
     if cfg.segmenter == "equal_mass":
         cum_before = (torch.cumsum(u, dim=-1) - u).double() / u.sum(-1, keepdim=True).clamp(min=1)
         n_max = max(0, math.ceil(1.0 / cfg.delta - 1e-9) - 1)
-        raw = (cum_before / cfg.delta).clamp_(0, n_max).long()          # >= 0: truncation is the floor
+        # times 1/Δ, not / Δ: CUDA divides by a host scalar that way, CPU does not; both then agree, and with the
+        # kernel (kernels/select_ams.py)
+        raw = (cum_before * (1.0 / cfg.delta)).clamp_(0, n_max).long()  # >= 0: truncation is the floor
     else:  # fixed_length: as many equal-length segments as equal-mass would make
         seg_len = torch.ceil(reg.comp.sum(-1, keepdim=True) * cfg.delta).clamp(min=1).long()
         raw = ((reg.pos - reg.pinned) // seg_len).expand_as(u)
