@@ -7,7 +7,9 @@ from sglang_ams.engine import sglang_compat as compat
 from sglang_ams.kernels import select_ams as ams_kernel
 
 from .checks import compacted, step
-from .harness import add_request, make_batch, make_env
+from .harness import MARKS, add_request, make_batch, make_env
+
+pytestmark = MARKS
 
 
 def _run(selection):
