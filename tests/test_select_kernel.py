@@ -147,3 +147,49 @@ def test_kernel_on_the_gpu_at_llama_chunk_shapes(t, special):
     keeps = torch.full((8,), 1024, device="cuda")
     _assert_same(cfg, scores, ev, cr, lengths, pinned, keeps, k_max=1024)
     _assert_same(cfg, scores, ev, None, lengths, pinned, keeps, k_max=1024)
+
+
+_HOPPER = r'''
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from sglang_ams.kernels import select_ams as K
+ptr = {n: t for n, t in zip(("scores", "evidence", "credit", "lengths", "pinned", "keep", "out_idx", "out_credit",
+                             "out_sid"), ("*fp32", "*fp32", "*fp32", "*i64", "*i64", "*i64", "*i64", "*fp32", "*i64"))}
+ints = {n: "i32" for n in ("T", "K", "rows_per_req", "keep_lastn", "lmin", "lmax", "qmin", "n_max")}
+bits = {n: "i64" for n in ("decay", "one_minus_decay", "mix", "one_minus_mix", "inv_delta")}
+flags = ("HAS_EVIDENCE", "HAS_CREDIT", "USE_CREDIT", "USE_MASS", "EQUAL_MASS")
+out = []
+for block in json.loads(sys.argv[1]):
+    const = {"BLOCK": block, "POS_BITS": block.bit_length() - 1, **{f: True for f in flags}}
+    sig = {**ptr, **ints, "delta32": "fp32", **bits, **{c: "constexpr" for c in const}}
+    k = triton.compile(ASTSource(fn=K._select_kernel, signature=sig, constexprs=const),
+                       target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": K._warps(block), "enable_fp_fusion": False, "enable_reflect_ftz": False})
+    out.append({"block": block, "shared": k.metadata.shared, "cubin": len(k.asm["cubin"])})
+print(json.dumps(out))
+'''
+
+
+def test_the_kernel_compiles_for_hopper():
+    """Every block the wrapper can launch on a GPU compiles for sm_90 (H100 / H200) with the warps it picks, and
+    fits a block's shared memory: Triton compiles for a GPU target without one (ptxas ships with it). The
+    interpreter runs none of that, so this is what catches a GPU-only compile error here."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import torch as _torch
+    blocks = []
+    block = ams_kernel.block_for(1, _torch.device("cuda"))
+    while block <= ams_kernel.MAX_TOKENS:
+        blocks.append(block)
+        block *= 2
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _HOPPER, json.dumps(blocks)], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [r["block"] for r in results] == blocks == [512, 1024, 2048, 4096]
+    assert all(0 < r["shared"] <= 227 * 1024 and r["cubin"] > 0 for r in results), results
