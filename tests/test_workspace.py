@@ -56,6 +56,11 @@ def test_smallest_chunk_covers_every_reachable_config():
     # A query-free server cannot be asked for query-reading configs (no ring), so its bound may be smaller.
     keyonly = PolicyConfig(policy="topk", scorer="keydiff")
     assert all(not c.needs_queries for c in workspace.reachable_configs(keyonly))
+    # An interval below the window is valid without queries; the query-reading combinations it rules out are
+    # skipped, not raised while the server sizes its pool (they were, for this valid command line).
+    short = PolicyConfig(policy="topk", scorer="keydiff", interval=4)
+    assert all(not c.needs_queries for c in workspace.reachable_configs(short))
+    assert workspace.smallest_chunk(short, context_len=32768, **LLAMA_8B) > 0
     assert workspace.auto_bound(smallest, 100 << 30) == 2 << 30        # 2 % of the KV budget
     assert workspace.auto_bound(smallest, 1 << 30) == smallest          # never below one context-length layer
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..compaction import scorer_for
-from ..config import SCORERS, PolicyConfig
+from ..config import SCORERS, ConfigError, PolicyConfig
 from ..selector import SELECTORS
 
 SAFETY = 1.25                  # on top of the measured peaks (caching-allocator rounding, kernel temporaries)
@@ -86,11 +86,16 @@ def plan_chunks(lengths: list[int], num_layers: int, cost: ChunkCost, bound: int
 
 def reachable_configs(server: PolicyConfig) -> list[PolicyConfig]:
     """The configs a request may run under: the server's, and what a per-request override can select
-    (policy and scorer; a query-reading one only where the server collects queries)."""
+    (policy and scorer; a query-reading one only where the server collects queries). A combination the server's
+    other values make invalid (a query-reading one under an interval shorter than the window, on a server that
+    reads none) is one an override could not select either: skipped, not raised at startup."""
     configs = [server]
     for policy in SELECTORS:
         for scorer in SCORERS:
-            cfg = server.replace(policy=policy, scorer=scorer)
+            try:
+                cfg = server.replace(policy=policy, scorer=scorer)
+            except ConfigError:
+                continue
             if not cfg.needs_queries or server.needs_queries:
                 configs.append(cfg)
     return configs
