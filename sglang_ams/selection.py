@@ -222,17 +222,15 @@ def select_ams(scores: torch.Tensor, evidence: torch.Tensor | None, lengths: tor
     kernel: the same result from one Triton launch (kernels/select_ams.py) where rows fit it and Triton can run;
     lengths must then not exceed T (as in every compaction)."""
     t = scores.shape[-1]
+    if evidence is None and cfg.use_mass:
+        raise ValueError("AMS needs attention evidence (window queries) unless use_mass is off")
     if kernel and ams_kernel.fits(t) and (scores.is_cuda or interpreting()):
-        if evidence is None and cfg.use_mass:
-            raise ValueError("AMS needs attention evidence (window queries) unless use_mass is off")
         keep = _keep_counts(lengths, n_keep)
         idx, carried, sid = ams_kernel.select_ams_rows(scores, evidence, credit, lengths, n_pinned, keep,
                                                         _max_keep(keep, t, k_max), cfg)
         return Selection(indices=idx, n_keep=keep, credit=carried, segment_ids=sid)
     reg = _regions(lengths, n_pinned, cfg.keep_lastn, t)
     if evidence is None:
-        if cfg.use_mass:
-            raise ValueError("AMS needs attention evidence (window queries) unless use_mass is off")
         evidence = torch.ones_like(scores, dtype=torch.float32)
     u, new_credit = _used_mass(evidence, credit, reg, cfg)
     start = segment(u, reg, cfg)

@@ -21,6 +21,7 @@ from ..kernels.gather import gather_dense
 from ..kernels.scoring import default_num_splits, window_attention_pool
 from ..selection import select_ams, select_topk
 from .runtime import Runtime
+from .workspace import reachable_configs
 
 TOKENS = 256        # length of the scratch request (all of it on slot 0)
 
@@ -75,10 +76,14 @@ def _warm_selection(rt: Runtime, tokens: int) -> None:
 
 
 def _warm_selection_kernel(rt: Runtime) -> None:
-    """The server's AMS settings (a per-request override can turn AMS on but not change them) on one row of each
-    block size; evidence exactly when the mass is used, as the selector passes it."""
+    """The AMS settings a request can run under (the server's: an override can turn AMS on, not change them) on one
+    row of each block size; evidence exactly when the mass is used, as the selector passes it. Nothing where no
+    request can run AMS (a query-free server)."""
     dev, h = rt.device, rt.shape.num_kv_heads
-    cfg = rt.settings.policy.replace(policy="ams").selector
+    ams = [c for c in reachable_configs(rt.settings.policy) if c.policy == "ams"]
+    if not ams:
+        return
+    cfg = ams[0].selector
     block = ams_kernel.block_for(1, dev)
     while block <= ams_kernel.MAX_TOKENS:
         scores = torch.rand(1, 1, h, block, device=dev)

@@ -3,6 +3,7 @@ gives (the same requests compacted, the same KV left in every slot, the same car
 compiles the kernel for every block a row can get."""
 import torch
 
+from sglang_ams.config import PolicyConfig
 from sglang_ams.engine import sglang_compat as compat
 from sglang_ams.kernels import select_ams as ams_kernel
 
@@ -50,3 +51,8 @@ def test_warm_up_compiles_each_block_with_and_without_credit(monkeypatch):
     monkeypatch.setattr(ams_kernel, "select_ams_rows", recording)
     assert warmup.warm_up(env.rt) > 0
     assert sorted(calls) == [(b, c, True) for b in (16, 32, 64) for c in (False, True)]
+    # A query-free server (top-k by keys, an interval below the window) can run no AMS request: nothing to compile.
+    calls.clear()
+    env = make_env(trace=False, selection="triton", policy=PolicyConfig(policy="topk", scorer="keydiff", budget=40,
+                                                                         interval=4, window=8, sink=4, keep_lastn=8))
+    assert warmup.warm_up(env.rt) > 0 and not calls
