@@ -319,9 +319,9 @@ def window_attention_pool(k_ptrs: torch.Tensor, req_to_token: torch.Tensor, req_
         if t is not None and (tuple(t.shape) != shape or t.dtype != torch.float32 or not t.is_contiguous()):
             raise ValueError(f"{name} must be a contiguous float32 tensor of shape {shape}")
     if row_lse is not None and (tuple(row_lse.shape) != (n, num_layers, num_q_heads, window)
-                                or row_lse.dtype != torch.float32 or row_lse.stride(3) != 1):
+                                or row_lse.dtype != torch.float32 or (row_lse.stride(3) != 1 and window > 1)):
         raise ValueError(f"row_lse must be float32 [N, L, Hq, W] = {(n, num_layers, num_q_heads, window)} with "
-                         f"a contiguous last dim; got {row_lse.dtype} {tuple(row_lse.shape)}")
+                         f"a contiguous last dim; got {row_lse.dtype} {tuple(row_lse.shape)}")   # (W = 1: any stride)
     if n == 0 or out_len == 0:
         return mean_out, last_out
 

@@ -171,11 +171,11 @@ def check_compaction(env: Env, batch: ScheduleBatch, snap: Snap, report: StepRep
         st = request_state.existing_state(r)
         assert int(rt.pos_offsets[compat.pool_idx(r)]) == env.dropped[r.rid] == (st.pos_offset if st else 0)
         if dropped:
-            assert st.compacted and st.ring_row == 0 and int(rt.ring.row_of[compat.pool_idx(r)]) == 0
+            assert st.compacted and st.ring_row == 0 and (rt.ring is None or int(rt.ring.row_of[compat.pool_idx(r)]) == 0)
     for c in report.chunks:     # carried credit: one value per kept token of every (layer, head)
         for j, it in enumerate(c.requests):
             st = request_state.existing_state(next(r for r in batch.reqs if r.rid == it.rid))
-            if c.cfg.policy == "ams":
+            if c.cfg.selector.uses_credit:
                 assert st.credit is not None and st.credit.shape == (LAYERS, KV_HEADS, it.keep)
                 old = snap.credit[it.rid]      # the previous compaction's credit came back in, new tokens at 0
                 k_old = 0 if old is None else old.shape[-1]
