@@ -36,9 +36,10 @@ def flag_sets(draw):
         ams_scoring_lse=draw(st.sampled_from(["decode", "recompute"])),
         ams_ring_store=draw(st.sampled_from(["torch", "triton"])),
         ams_selection=draw(st.sampled_from(["torch", "triton"])), ams_batch_slack=draw(st.sampled_from([0, 0.5])),
-        ams_step_requests=draw(st.sampled_from([0, 1, 2])), ams_workspace_mib=draw(st.sampled_from([0, 4096])))
+        ams_step_requests=draw(st.sampled_from([0, 1, 2])), ams_workspace_mib=draw(st.sampled_from([0, 4096])),
+        ams_ring_rows=draw(st.sampled_from([0, 1])))
     try:
-        return from_user_values(values)           # what the launcher accepts
+        return from_user_values(values), draw(st.sampled_from([1, 16]))     # what the launcher accepts; page size
     except ConfigError:
         assume(False)
 
@@ -59,9 +60,10 @@ def _size_pool(s: EngineSettings) -> int:
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(flag_sets())
-def test_every_accepted_flag_set_starts_and_compacts(s):
+def test_every_accepted_flag_set_starts_and_compacts(case):
+    s, page_size = case
     assert 0 < _size_pool(s) < 8 << 30
-    env = make_env(policy=s.policy, ring_rows=s.ring_rows, batch_slack=s.batch_slack, scoring_lse=s.scoring_lse,
+    env = make_env(policy=s.policy, page_size=page_size, ring_rows=s.ring_rows, batch_slack=s.batch_slack, scoring_lse=s.scoring_lse,
                    step_requests=s.step_requests, ring_store=s.ring_store, selection=s.selection)
     with mock.patch.object(ams_kernel, "MAX_TOKENS", 64):     # (the interpreter is slow on 4096-token blocks)
         assert warmup.warm_up(env.rt) > 0
