@@ -161,8 +161,14 @@ ints = {n: "i32" for n in ("T", "K", "rows_per_req", "keep_lastn", "lmin", "lmax
 bits = {n: "i64" for n in ("decay", "one_minus_decay", "mix", "one_minus_mix", "inv_delta")}
 flags = ("HAS_EVIDENCE", "HAS_CREDIT", "USE_CREDIT", "USE_MASS", "EQUAL_MASS")
 out = []
-for block in json.loads(sys.argv[1]):
-    const = {"BLOCK": block, "POS_BITS": block.bit_length() - 1, **{f: True for f in flags}}
+blocks = json.loads(sys.argv[1])
+# every block with every input; the smallest also with each branch off (no evidence and no mass, no carried credit,
+# no credit, fixed-length segments)
+variants = [(b, {}) for b in blocks] + [(blocks[0], off) for off in (
+    {"HAS_EVIDENCE": False, "USE_MASS": False}, {"HAS_CREDIT": False}, {"USE_CREDIT": False, "HAS_CREDIT": False},
+    {"EQUAL_MASS": False})]
+for block, off in variants:
+    const = {"BLOCK": block, "POS_BITS": block.bit_length() - 1, **{f: True for f in flags}, **off}
     sig = {**ptr, **ints, "delta32": "fp32", **bits, **{c: "constexpr" for c in const}}
     k = triton.compile(ASTSource(fn=K._select_kernel, signature=sig, constexprs=const),
                        target=GPUTarget("cuda", 90, 32),
@@ -173,7 +179,8 @@ print(json.dumps(out))
 
 
 def test_the_kernel_compiles_for_hopper():
-    """Every block the wrapper can launch on a GPU compiles for sm_90 (H100 / H200) with the warps it picks, and
+    """Every block the wrapper can launch on a GPU (and each constexpr branch) compiles for sm_90 (H100 / H200)
+    with the warps it picks, and
     fits a block's shared memory: Triton compiles for a GPU target without one (ptxas ships with it). The
     interpreter runs none of that, so this is what catches a GPU-only compile error here."""
     import json
@@ -191,5 +198,5 @@ def test_the_kernel_compiles_for_hopper():
                           text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
-    assert [r["block"] for r in results] == blocks == [512, 1024, 2048, 4096]
+    assert [r["block"] for r in results] == blocks + [512] * 4 and blocks == [512, 1024, 2048, 4096]
     assert all(0 < r["shared"] <= 227 * 1024 and r["cubin"] > 0 for r in results), results
