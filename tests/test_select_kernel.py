@@ -180,9 +180,8 @@ print(json.dumps(out))
 
 def test_the_kernel_compiles_for_hopper():
     """Every block the wrapper can launch on a GPU (and each constexpr branch) compiles for sm_90 (H100 / H200)
-    with the warps it picks, and
-    fits a block's shared memory: Triton compiles for a GPU target without one (ptxas ships with it). The
-    interpreter runs none of that, so this is what catches a GPU-only compile error here."""
+    with the warps it picks, and fits a block's shared memory: Triton compiles for a GPU target without one (ptxas
+    ships with it). The interpreter runs none of that, so this is what catches a GPU-only compile error here."""
     import json
     import os
     import subprocess
