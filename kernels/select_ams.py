@@ -19,7 +19,6 @@ Inputs must satisfy what the compactor guarantees: lengths <= T, keep counts <= 
 """
 from __future__ import annotations
 
-import math
 import struct
 
 import torch
@@ -209,9 +208,10 @@ def fits(tokens: int) -> bool:
 
 
 def select_ams_rows(scores: torch.Tensor, evidence: torch.Tensor | None, credit: torch.Tensor | None,
-                    lengths: torch.Tensor, n_pinned: torch.Tensor, keep: torch.Tensor, k: int, cfg):
+                    lengths: torch.Tensor, n_pinned: torch.Tensor, keep: torch.Tensor, k: int, cfg, n_max: int):
     """indices [N, L, H, k] int64 (ascending, -1 padded), carried credit [N, L, H, k] float32 (None without
-    credit) and segment ids [N, L, H, T] int64 of select_ams; keep = min(n_keep, lengths), k >= every keep.
+    credit) and segment ids [N, L, H, T] int64 of select_ams; keep = min(n_keep, lengths), k >= every keep,
+    n_max = selection.last_segment(cfg.delta).
     scores, evidence, credit [N, L, H, T] (T <= MAX_TOKENS); one launch, no host sync."""
     n, nl, h, t = scores.shape
     dev = scores.device
@@ -222,7 +222,6 @@ def select_ams_rows(scores: torch.Tensor, evidence: torch.Tensor | None, credit:
     if rows == 0 or t == 0:
         return idx, carried, sid
     block = block_for(t, dev)
-    n_max = max(0, math.ceil(1.0 / cfg.delta - 1e-9) - 1)
     scores = scores.contiguous()
     dummy = scores
     _select_kernel[(rows,)](
@@ -231,7 +230,7 @@ def select_ams_rows(scores: torch.Tensor, evidence: torch.Tensor | None, credit:
         idx, carried if carried is not None else idx, sid,
         t, k, nl * h, cfg.keep_lastn, cfg.lmin, cfg.lmax, cfg.qmin, n_max, float(cfg.delta),
         *(_bits(x) for x in (cfg.credit_decay, 1.0 - cfg.credit_decay, cfg.mass_mix, 1.0 - cfg.mass_mix,
-                                    1.0 / cfg.delta)),
+                             1.0 / cfg.delta)),
         BLOCK=block, POS_BITS=block.bit_length() - 1, HAS_EVIDENCE=evidence is not None,
         HAS_CREDIT=credit is not None, USE_CREDIT=cfg.use_credit, USE_MASS=cfg.use_mass,
         EQUAL_MASS=cfg.segmenter == "equal_mass", num_warps=_warps(block), enable_fp_fusion=False,

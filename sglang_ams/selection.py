@@ -164,15 +164,19 @@ def _used_mass(evidence, credit, reg: _Regions, cfg: PolicyConfig):
     return _scaled(m.float(), reg.comp), new_credit      # m: finite, >= 0 and 0 outside C already
 
 
+def last_segment(delta: float) -> int:
+    """The largest raw equal-mass segment index: ceil(1 / delta) segments at most."""
+    return max(0, math.ceil(1.0 / delta - 1e-9) - 1)
+
+
 def segment(u: torch.Tensor, reg: _Regions, cfg: PolicyConfig) -> torch.Tensor:
     """Start flags [N, L, H, T] of the segments of C: equal-mass (or fixed-length) cuts, short ones merged, long
     split. u is the int64 fixed-point mass (exact prefix sums)."""
     if cfg.segmenter == "equal_mass":
         cum_before = (torch.cumsum(u, dim=-1) - u).double() / u.sum(-1, keepdim=True).clamp(min=1)
-        n_max = max(0, math.ceil(1.0 / cfg.delta - 1e-9) - 1)
         # times 1/Δ, not / Δ: CUDA divides by a host scalar that way, CPU does not; both then agree, and with the
         # kernel (kernels/select_ams.py)
-        raw = (cum_before * (1.0 / cfg.delta)).clamp_(0, n_max).long()  # >= 0: truncation is the floor
+        raw = (cum_before * (1.0 / cfg.delta)).clamp_(0, last_segment(cfg.delta)).long()  # >= 0: trunc. = floor
     else:  # fixed_length: as many equal-length segments as equal-mass would make
         seg_len = torch.ceil(reg.comp.sum(-1, keepdim=True) * cfg.delta).clamp(min=1).long()
         raw = ((reg.pos - reg.pinned) // seg_len).expand_as(u)
@@ -227,7 +231,7 @@ def select_ams(scores: torch.Tensor, evidence: torch.Tensor | None, lengths: tor
     if kernel and ams_kernel.fits(t) and (scores.is_cuda or interpreting()):
         keep = _keep_counts(lengths, n_keep)
         idx, carried, sid = ams_kernel.select_ams_rows(scores, evidence, credit, lengths, n_pinned, keep,
-                                                        _max_keep(keep, t, k_max), cfg)
+                                                        _max_keep(keep, t, k_max), cfg, last_segment(cfg.delta))
         return Selection(indices=idx, n_keep=keep, credit=carried, segment_ids=sid)
     reg = _regions(lengths, n_pinned, cfg.keep_lastn, t)
     if evidence is None:

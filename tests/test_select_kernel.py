@@ -115,13 +115,13 @@ def test_floors_that_exactly_fill_the_budget():
 
 
 def test_rows_past_the_kernel_take_the_torch_path(monkeypatch):
-    calls = []
-    monkeypatch.setattr(ams_kernel, "select_ams_rows", lambda *a: calls.append(a) or (_ for _ in ()).throw(
-        AssertionError("kernel used")))
+    def kernel_used(*args):
+        raise AssertionError("kernel used")
+    monkeypatch.setattr(ams_kernel, "select_ams_rows", kernel_used)
     cfg = PolicyConfig(policy="ams", budget=40)
     scores, ev, cr, lengths, pinned = _inputs(0, 1, 1, 1, ams_kernel.MAX_TOKENS + 1, [ams_kernel.MAX_TOKENS + 1], [4])
     sel = select_ams(scores, ev, lengths, pinned, torch.tensor([40]), cfg, cr, kernel=True)
-    assert not calls and int((sel.indices >= 0).sum()) == 40
+    assert int((sel.indices >= 0).sum()) == 40
 
 
 def test_block_padding_does_not_change_the_result(monkeypatch):
