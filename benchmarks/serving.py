@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/serving-...)")
     p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="DIR",
                    help="combine the summary.json of these folders into --out; runs nothing")
+    p.add_argument("--recover", action="store_true",
+                   help="add entries for runs of --out (as planned by the other flags) whose client finished but "
+                        "that the summary lacks; runs nothing")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     return p
 
@@ -260,15 +263,45 @@ def counters(server: Server) -> dict | None:
     return found if found is not None else rep.prometheus_counters(server.metrics())
 
 
-def execute(args, r: dict, env: dict, tag: str) -> dict:
-    """One (workload, config, repeat): its summary entry (bench_serving's numbers + ours)."""
+def file_metrics(run_dir: Path, log_offset: int, poll_interval: float) -> dict:
+    """What a run's files say: bench_serving's output, the server log from `log_offset` (where the client
+    started) and the /metrics polls."""
+    m = {}
+    result = rep.read_bench_output(run_dir / "bench.jsonl")
+    m.update(rep.bench_metrics(result))
+    m.update(rep.itl_stalls(result))
+    rep.strip_details(run_dir / "bench.jsonl")
+    with (run_dir / "server.log").open(errors="replace") as f:
+        f.seek(log_offset)
+        log_text = f.read()
+    m["peak_running_log"] = rep.peak_running(log_text)
+    m["full_load_decode_tok_s"], m["full_load_decode_samples"] = rep.full_load_decode_rate(log_text)
+    polled = read_csv(run_dir / "running.csv")
+    m["peak_running_poll"] = rep.peak_polled(polled)
+    m["engine_span_s"] = rep.engine_span(polled, poll_interval)
+    if m["engine_span_s"] and m.get("total_output_tokens"):
+        m["engine_output_throughput"] = round(m["total_output_tokens"] / m["engine_span_s"], 1)
+    peaks = [p for p in (m["peak_running_log"], m["peak_running_poll"]) if p is not None]
+    m["peak_running"] = max(peaks) if peaks else None       # both sample the truth: the larger is closer
+    return m
+
+
+def base_entry(r: dict) -> dict:
+    entry = {k: r[k] for k in ("workload", "config", "repeat", "num_prompts")}
+    entry.update(rep.bench_metrics(None), peak_running=None, compactions=None, error=None,
+                 server_cmd=show(r["server_cmd"], r["env"]), bench_cmd=show(r["bench_cmd"]), run_dir=r["run_dir"])
+    return entry
+
+
+def execute(args, r: dict, env: dict, tag: str, record=lambda entry: None) -> dict:
+    """One (workload, config, repeat): its summary entry (bench_serving's numbers + ours), passed to `record`
+    before the server stops: `timeout` may stop the driver while the server shuts down (a 2026-12-08 visit lost
+    a finished short_chat run that way)."""
     run_dir = Path(r["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("bench.jsonl", "running.csv"):
         (run_dir / stale).unlink(missing_ok=True)
-    entry = {k: r[k] for k in ("workload", "config", "repeat", "num_prompts")}
-    entry.update(rep.bench_metrics(None), peak_running=None, compactions=None, error=None,
-                 server_cmd=show(r["server_cmd"], r["env"]), bench_cmd=show(r["bench_cmd"]), run_dir=r["run_dir"])
+    entry = base_entry(r)
     server = Server(r["server_cmd"], run_dir / "server.log", env=r["env"], port=args.port, host=args.host)
     poller = bench = None
     t0 = time.monotonic()
@@ -278,6 +311,7 @@ def execute(args, r: dict, env: dict, tag: str) -> dict:
         if not server.wait_healthy(args.startup_timeout):
             entry["error"] = "server did not come up: " + tail(run_dir / "server.log", 5)
             print(f"{tag}: {entry['error']}", flush=True)
+            record(entry)
             return entry
         entry["server_ready_s"] = round(time.monotonic() - t0, 1)
         before = counters(server)
@@ -304,26 +338,12 @@ def execute(args, r: dict, env: dict, tag: str) -> dict:
         after = counters(server) if server.alive() else None
         entry.update(rep.counter_deltas(before, after))
         poller.stop()
-        result = rep.read_bench_output(run_dir / "bench.jsonl")
-        entry.update(rep.bench_metrics(result))
-        entry.update(rep.itl_stalls(result))
-        rep.strip_details(run_dir / "bench.jsonl")
-        with (run_dir / "server.log").open(errors="replace") as f:
-            f.seek(offset)
-            log_text = f.read()
-        entry["peak_running_log"] = rep.peak_running(log_text)
-        entry["full_load_decode_tok_s"], entry["full_load_decode_samples"] = rep.full_load_decode_rate(log_text)
-        polled = read_csv(run_dir / "running.csv")
-        entry["peak_running_poll"] = rep.peak_polled(polled)
-        entry["engine_span_s"] = rep.engine_span(polled, args.poll_interval)
-        if entry["engine_span_s"] and entry.get("total_output_tokens"):
-            entry["engine_output_throughput"] = round(entry["total_output_tokens"] / entry["engine_span_s"], 1)
-        peaks = [p for p in (entry["peak_running_log"], entry["peak_running_poll"]) if p is not None]
-        entry["peak_running"] = max(peaks) if peaks else None       # both sample the truth: the larger is closer
+        entry.update(file_metrics(run_dir, offset, args.poll_interval))
         if entry["error"] is None and entry["completed"] is None:
             entry["error"] = f"bench_serving exit {bench.returncode}: " + tail(run_dir / "bench.log", 3)
         if not server.alive():
             entry["error"] = (entry["error"] or "") + " server exited: " + tail(run_dir / "server.log", 3)
+        record(entry)
         return entry
     finally:
         if bench is not None and bench.poll() is None:
@@ -410,11 +430,45 @@ def merge_main(args, command: str) -> int:
     return 0
 
 
+def recover_main(args, command: str) -> int:
+    """Entries for planned runs of --out whose client finished but whose driver stopped before recording them
+    (older drivers could lose a run to a SIGTERM while its server shut down): built from the run's files alone,
+    so without the server's counters (compactions) or the startup and client wall times, and marked."""
+    old = rep.load_summary(args.out)
+    entries = old.get("entries", [])
+    have = {(e["workload"], e["config"], e["repeat"]) for e in entries}
+    found = []
+    for r in plan(args):
+        run_dir = Path(r["run_dir"])
+        if (r["workload"], r["config"], r["repeat"]) in have or not (run_dir / "bench.jsonl").exists():
+            continue
+        entry = base_entry(r)
+        entry.update(file_metrics(run_dir, 0, args.poll_interval))
+        if entry["completed"] is None:
+            entry["error"] = "recovered: no bench_serving result in " + str(run_dir / "bench.jsonl")
+        entry["recovered"] = "from the run's files: no server counters, startup or wall times; log read whole"
+        found.append(entry)
+        print(f"recovered {r['run']}: {entry['completed']} completed, "
+              f"{entry.get('output_throughput') or 0:.0f} output tok/s")
+    if not found:
+        print(f"nothing to recover in {args.out}", file=sys.stderr)
+        return 2
+    meta = {k: v for k, v in old.items() if k != "entries"}
+    meta["commands"] = old.get("commands", []) + [command]
+    finish(args.out, rep.merge(entries, found), meta)
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     command = shlex.join([Path(sys.executable).name, "benchmarks/serving.py", *(sys.argv[1:] if argv is None else argv)])
     if args.merge is not None:
         return merge_main(args, command)
+    if args.recover:
+        if args.out is None:
+            sys.exit("--recover needs --out")
+        args.out = Path(args.out)
+        return recover_main(args, command)
     dev = device()
     args.out = Path(args.out) if args.out else default_out(dev)
     runs = plan(args)
@@ -442,6 +496,12 @@ def main(argv=None) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt)   # `timeout` stops us: the finally blocks stop the server
     code = 0
     started = time.monotonic()
+
+    def record(entry):
+        nonlocal entries
+        entries = rep.merge(entries, [entry])
+        rep.write_summary(args.out, entries, meta)      # after every run: a cut-off visit keeps what ran
+
     try:
         for i, r in enumerate(runs, 1):
             if not fits(entries, r["workload"], r["config"], time.monotonic() - started, args.deadline):
@@ -449,13 +509,11 @@ def main(argv=None) -> int:
                       f"{len(runs) - i} later runs not tried either", flush=True)
                 code = 3
                 break
-            entry = execute(args, r, env, f"[{i}/{len(runs)}] {r['run']}")
+            entry = execute(args, r, env, f"[{i}/{len(runs)}] {r['run']}", record)
             print(f"[{i}/{len(runs)}] {r['run']}: {entry.get('completed')}/{r['num_prompts']} completed, "
                   f"{entry.get('output_throughput') or 0:.0f} output tok/s, P99 ITL {entry.get('p99_itl_ms')}, "
                   f"peak running {entry.get('peak_running')}, compactions {entry.get('compactions')}"
                   + (f", error: {entry['error']}" if entry.get("error") else "") + "\n", flush=True)
-            entries = rep.merge(entries, [entry])
-            rep.write_summary(args.out, entries, meta)      # after every run: a cut-off visit keeps what ran
     except KeyboardInterrupt as why:
         print(f"stopped ({why or 'interrupt'}); the summary has the runs that finished", flush=True)
         code = 130

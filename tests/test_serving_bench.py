@@ -487,6 +487,50 @@ def test_driver_stops_its_server_on_sigterm(stand_ins, tmp_path):
     assert json.loads((out / "summary.json").read_text())["entries"] == []
 
 
+def test_a_run_that_finished_is_kept_when_sigterm_comes_while_its_server_stops(stand_ins, tmp_path, monkeypatch):
+    """The 2026-12-08 visit: `timeout` stopped the driver while the last run's server shut down, after its client
+    had finished; that run's numbers must be in the summary."""
+    fake_python, client_python = stand_ins
+    real_stop = serving.Server.stop
+
+    def stop_then_interrupted(self):
+        real_stop(self)
+        raise KeyboardInterrupt("signal 15")           # what _interrupt raises for SIGTERM
+
+    monkeypatch.setattr(serving.Server, "stop", stop_then_interrupted)
+    out = tmp_path / "out"
+    assert serving.main(["--model-path", "fake", "--python", fake_python, "--client-python", client_python,
+                         "--workloads", "short_chat", "--configs", "production,ams", "--repeats", "1",
+                         "--scale", "0.05", "--count-scale", "0.125", "--port", str(free_port()),
+                         "--out", str(out), "--poll-interval", "0.1"]) == 130
+    entries = json.loads((out / "summary.json").read_text())["entries"]
+    assert [(e["config"], e["completed"]) for e in entries] == [("production", 26)]   # ams never started
+
+
+def test_recover_rebuilds_a_lost_entry_from_the_run_files(stand_ins, tmp_path):
+    fake_python, client_python = stand_ins
+    out = tmp_path / "out"
+    argv = ["--model-path", "fake", "--python", fake_python, "--client-python", client_python,
+            "--workloads", "short_chat", "--configs", "production,ams", "--repeats", "1", "--scale", "0.05",
+            "--count-scale", "0.125", "--server-args", "--token-ms 20 --decode-log-s 0.05 --max-total-tokens 200",
+            "--policy-args", "--kv-budget 4 --kv-interval 2", "--port", str(free_port()), "--out", str(out),
+            "--poll-interval", "0.1"]
+    assert serving.main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    kept = summary["entries"][:1]
+    lost = summary["entries"][1]
+    (out / "summary.json").write_text(json.dumps({**summary, "entries": kept}))
+    assert serving.main(argv + ["--recover"]) == 0
+    entries = json.loads((out / "summary.json").read_text())["entries"]
+    assert [e["config"] for e in entries] == ["production", "ams"] and "recovered" not in entries[0]
+    back = entries[1]
+    assert "recovered" in back and back["compactions"] is None and back["error"] is None
+    for key in ("completed", "output_throughput", "p99_itl_ms", "total_output_tokens", "peak_running_poll",
+                "server_cmd", "bench_cmd"):
+        assert back[key] == lost[key], key
+    assert serving.main(argv + ["--recover"]) == 2              # nothing left to recover
+
+
 def test_driver_survives_a_server_that_does_not_start(tmp_path, capsys):
     bad = tmp_path / "bad-python"
     bad.write_text("#!/bin/sh\necho 'CUDA out of memory' >&2\nexit 1\n")
