@@ -41,7 +41,7 @@ class EngineSettings:
                               "requests holding a row; torch: two indexed stores per layer for every request, "
                               "those without a row into a trash row (4-13x the GPU time inside a decode graph on "
                               "an H200)", Choice(RING_STORES))
-    selection: str = setting("torch", "ams_selection", "how a compaction step selects AMS's kept tokens: torch: "
+    selection: str = setting("triton", "ams_selection", "how a compaction step selects AMS's kept tokens: torch: "
                              "~180 tensor operations per chunk; triton: one kernel, a program per (request, layer, "
                              "KV head) row of up to 4096 tokens, the same result bit for bit (longer rows take the "
                              "torch path)", Choice(SELECTIONS))
