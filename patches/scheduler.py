@@ -39,14 +39,21 @@ def decode_graph_max_bs(server_args) -> int | None:
     return getattr(decode, "max_bs", None)
 
 
+ADVISED_GRAPH_MAX_BS = 512      # the serving benchmark's setting; larger graphs cost capture time and memory
+
+
 def graph_hint(max_running: int | None, graph_max_bs: int | None) -> str | None:
     """Compaction lets more requests run at once than SGLang's decode graphs cover (they stop at 256 on an H200
-    by default): say so at startup, since past them every decode step runs eagerly."""
-    if not max_running or not graph_max_bs or max_running <= graph_max_bs:
+    by default): say so at startup, since past them every decode step runs eagerly. Silent once the graphs reach
+    the batch it would advise (at most 512, README's advice)."""
+    if not max_running or not graph_max_bs:
+        return None
+    advised = min(max_running, ADVISED_GRAPH_MAX_BS)
+    if graph_max_bs >= advised:
         return None
     return (f"sglang-ams: up to {max_running} requests can run, but decode CUDA graphs stop at batch "
             f"{graph_max_bs} and larger batches decode eagerly; with compaction more requests run at once, so "
-            f"consider --cuda-graph-max-bs-decode {min(max_running, 512)} (README, serving benchmark)")
+            f"consider --cuda-graph-max-bs-decode {advised} (README, serving benchmark)")
 
 
 def init_hook(result, self, *args, **kwargs):

@@ -238,3 +238,5 @@ def test_decode_graph_limit_is_read_from_real_server_args(plugins, clean_env, ti
     assert "batch 384" in hint and "--cuda-graph-max-bs-decode 512" in hint
     assert graph_hint(300, 384) is None and graph_hint(None, 384) is None and graph_hint(1024, None) is None
     assert "--cuda-graph-max-bs-decode 300" in graph_hint(300, 256)
+    # the 2026-12-08 visit: graphs already at 512 with 4096 allowed to run, and the hint still advised 512
+    assert graph_hint(4096, 512) is None and graph_hint(4096, 768) is None
