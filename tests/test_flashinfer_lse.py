@@ -1,7 +1,7 @@
 """FlashInfer's decode LSE convention, as the engine relies on it (GPU only): the hook on the decode wrapper returns
 the same output as the plain call and stores, next to the ring's queries, log2-sum-exp2 of the scaled logits,
 for both decode paths SGLang uses (CUDA cores for GQA < 4, tensor cores for GQA >= 4). The engine also checks the
-convention on its first compaction (compactor._verify_decode_lse); this test pins it to FlashInfer itself."""
+convention on its first compaction (checks.verify_decode_lse); this test pins it to FlashInfer itself."""
 from __future__ import annotations
 
 import math
@@ -60,3 +60,18 @@ def test_decode_hook_stores_flashinfer_lse_in_log2_units(q_heads, kv_heads, head
         logits = torch.einsum("hgd,thd->hgt", qi, keys) * scale
         want.append(torch.logsumexp(logits, -1).reshape(-1) / math.log(2.0))
     torch.testing.assert_close(stored, torch.stack(want), atol=2e-2, rtol=2e-3)
+
+
+def test_the_queued_lse_check_settles_without_a_host_sync():
+    """The first compaction's comparison runs behind a CUDA event into pinned memory (checks.start_lse_check):
+    its values are right once the event passes, and a mismatch is seen as one."""
+    from sglang_ams.engine import checks
+    dev = torch.device("cuda")
+    rec = torch.rand(2, 4, 8, 300, device=dev)
+    items = [SimpleNamespace(req=SimpleNamespace(rid="r"))]
+    for got, close in ((rec + 1e-5, True), (rec * math.log(2.0), False)):
+        rt = SimpleNamespace(decode_lse_check=checks.start_lse_check(got, rec, items), decode_lse_ok=None)
+        assert rt.decode_lse_check.values.is_pinned() and rt.decode_lse_check.done is not None
+        rt.decode_lse_check.done.synchronize()
+        checks.poll_lse_check(rt)
+        assert rt.decode_lse_check is None and rt.decode_lse_ok is close

@@ -28,8 +28,8 @@ from ..scorers.base import Inputs, ScoreInputs
 from ..transfer import to_device
 from ..window_attention import WindowAttention
 from . import pacing, step_profile, workspace
-from .checks import (check_invariants, check_pinned_in_place, free_before, verify_decode_lse, workspace_peak_end,
-                     workspace_peak_start)
+from .checks import (check_invariants, check_pinned_in_place, free_before, poll_lse_check, verify_decode_lse,
+                     workspace_peak_end, workspace_peak_start)
 from .counters import Timer, now
 from .report import NOTHING, ChunkReport, RequestReport, StepReport, Trace
 from .request_state import RequestState, release_ring_rows, state_of
@@ -300,13 +300,15 @@ class Compactor:
                 window_attention_pool, k_ptrs, r2t, rows, lengths, queries, kv_dtype=shape.dtype,
                 num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim, slot_stride=rt.slot_stride,
                 scale=shape.scale, want_last_row=need.last_row, max_len=t_max)
+            poll_lse_check(rt)
             if rt.settings.scoring_lse == "decode" and rt.ring.has_lse and rt.decode_lse_ok is not False \
-                    and all(d.state.ring_lse for d in items):
+                    and rt.decode_lse_check is None and all(d.state.ring_lse for d in items):
                 row_lse = rt.ring.window_lse(ring_rows, newest, layers)     # keys are then read once
             mean_rows, last_row = attention(row_lse=row_lse)
             if row_lse is not None and (rt.decode_lse_ok is None or rt.settings.debug_checks):
-                mean_rows, last_row = verify_decode_lse(rt, attention, mean_rows, last_row, items)
-            decode_lse = row_lse is not None and bool(rt.decode_lse_ok)
+                mean_rows, last_row, decode_lse = verify_decode_lse(rt, attention, mean_rows, last_row, items)
+            else:
+                decode_lse = row_lse is not None
             attn = WindowAttention(mean_rows=mean_rows, last_row=last_row)
         keys, values = self._dense_kv(need, k_ptrs, v_ptrs, rows, lengths, n, nl, t_max)
         inputs = ScoreInputs(keys=keys, values=values, lengths=lengths.long(), queries=queries,

@@ -5,8 +5,9 @@ unspecialised, see kernels/). Left to the first real compaction, that stalls eve
 or more. Here each reachable variant runs once on the pool's dummy slot 0 (SGLang reserves it for padded
 tokens, so its contents mean nothing): window attention with the decode LSE and with every split count the
 planner can choose (recomputed LSE), with and without the last row (TOVA); the dense gather; the compaction
-kernel with nothing to move; the torch selection ops once on the device (lazy CUDA module loading); and with
-`--ams-selection triton` the selection kernel for every block a row can get, with and without carried credit.
+kernel with nothing to move; the torch selection ops once on the device (lazy CUDA module loading); with
+`--ams-selection triton` (the default) the selection kernel for every block a row can get, with and without
+carried credit; and one pinned host-to-device copy.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from ..kernels import select_ams as ams_kernel
 from ..kernels.gather import gather_dense
 from ..kernels.scoring import default_num_splits, window_attention_pool
 from ..selection import select_ams, select_topk
+from ..transfer import to_device
 from .runtime import Runtime
 from .workspace import reachable_configs
 
@@ -57,6 +59,7 @@ def warm_up(rt: Runtime) -> float:
     keep = torch.arange(tokens, device=dev).expand(1, 1, shape.num_kv_heads, tokens)   # keep[j] = j: no move
     compact_kv(k_ptrs, v_ptrs, r2t, rows, keep, torch.full((1,), tokens, device=dev), **kw)
     _warm_selection(rt, tokens)
+    to_device([0], torch.int64, dev)        # the pinned-memory cache's first block (cudaHostAlloc) is taken now
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     return time.perf_counter() - start

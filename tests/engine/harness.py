@@ -53,6 +53,7 @@ class Env:
     queries: dict = dataclasses.field(default_factory=dict)  # rid -> {logical position: [L, Hq, d]}
     dropped: dict = dataclasses.field(default_factory=dict)  # rid -> tokens dropped so far
     freed: list = dataclasses.field(default_factory=list)    # slots freed by each compaction step
+    lse_chunks: int = 0         # chunks so far that could score with the decode attention's LSE
 
     @property
     def page_size(self) -> int:

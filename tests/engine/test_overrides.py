@@ -1,6 +1,7 @@
 """Per-request overrides in one batch, batch slack, and where the window attention takes its LSE."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -92,6 +93,39 @@ def test_decode_lse_in_another_convention_is_caught(monkeypatch, debug):
         return
     groups = [g for _ in range(12) for g in step(env, batch).chunks]       # check_selection: attention == reference
     assert groups and env.rt.decode_lse_ok is False and env.rt.counters.decode_lse_launches == 0
+
+
+def test_the_first_decode_lse_check_does_not_wait_for_the_gpu(monkeypatch):
+    """Outside debug mode the first comparison is queued behind a CUDA event (faked here: it passes when the test
+    says so) instead of a host sync: that step and every step before the event passes score from the recomputed
+    rows; the first step after it takes the decode LSE (`step` checks each chunk's decode_lse and selection)."""
+    from sglang_ams.engine import checks
+
+    class Event:
+        ready = False
+
+        def query(self):
+            return self.ready
+    event = Event()
+    real_start, started = checks.start_lse_check, []
+
+    def start(*args):
+        started.append(1)
+        return dataclasses.replace(real_start(*args), done=event)
+    monkeypatch.setattr(checks, "start_lse_check", start)
+    env = make_env(debug_checks=False)
+    reqs = [add_request(env, "a", list(range(2000, 2046))), add_request(env, "b", list(range(3000, 3049)))]
+    batch = make_batch(env, reqs)
+    seen = []
+    for _ in range(200):
+        if len(seen) == 2:
+            event.ready = True
+        seen += [(c.decode_lse, env.rt.decode_lse_ok) for c in step(env, batch).chunks]
+        if len(seen) == 4:
+            break
+    assert seen == [(False, None)] * 2 + [(True, True)] * 2, seen
+    assert len(started) == 1                    # steps while it is queued recompute without comparing again
+    assert env.rt.decode_lse_check is None and env.rt.counters.decode_lse_launches == 2
 
 
 def test_scoring_lse_recompute():
