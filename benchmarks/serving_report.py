@@ -19,7 +19,8 @@ BENCH_KEYS = ("output_throughput", "median_tpot_ms", "p99_itl_ms", "mean_ttft_ms
 COUNTERS = {"compactions": "compactions", "launches": "compaction_steps", "tokens_freed": "tokens_freed",
             "score_gpu_ms": "score_gpu_ms", "compact_gpu_ms": "compact_gpu_ms", "host_seconds": "host_seconds"}
 # ... and maxima, taken as the server reports them at the end (one server per run, so since its start)
-MAXIMA = {"step_gpu_ms_max": "longest_step_gpu_ms", "step_seconds_max": "longest_step_host_s"}
+MAXIMA = {"step_gpu_ms_max": "longest_step_gpu_ms", "step_seconds_max": "longest_step_host_s",
+          "first_step_gpu_ms": "first_step_gpu_ms", "first_step_seconds": "first_step_host_s"}
 PROM_COUNTERS = {"compactions": "sglang_ams:compactions_total", "launches": "sglang_ams:compaction_steps_total",
                  "tokens_freed": "sglang_ams:tokens_freed_total", "host_seconds": "sglang_ams:host_seconds_total"}
 # "Decode batch, #running-req: 24, ..." (every --decode-log-interval = 40 decode steps) and the prefill line's
@@ -228,7 +229,8 @@ def load_summary(folder) -> dict:
 ENTRY_COLUMNS = ("workload", "config", "repeat", "output_throughput", "engine_output_throughput",
                  "full_load_decode_tok_s", "median_tpot_ms", "p99_itl_ms", "mean_ttft_ms", "peak_running",
                  "completed", "num_prompts", "compactions", "duration_s", "engine_span_s", "p99_itl_after_first_ms",
-                 "stall_s_first", "stall_s_later", "longest_step_gpu_ms", "error")
+                 "stall_s_first", "stall_s_later", "longest_step_host_s", "longest_step_gpu_ms", "first_step_host_s",
+                 "first_step_gpu_ms", "error")
 AGG_COLUMNS = ("workload", "config", "repeats", "output_throughput", "throughput_vs_production",
                "engine_output_throughput", "engine_vs_production", "p99_itl_ms",
                "p99_itl_vs_production", "mean_ttft_ms", "ttft_vs_production", "median_tpot_ms", "peak_running",

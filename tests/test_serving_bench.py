@@ -156,6 +156,8 @@ def test_counters_from_server_info():
     info["internal_states"][1]["sglang_ams"]["step_gpu_ms_max"] = 30.0
     d = rep.counter_deltas(before, rep.ams_counters(info))
     assert d["longest_step_gpu_ms"] == 30.0 and d["compactions"] == 11   # a maximum over schedulers, not a sum
+    info["internal_states"][1]["sglang_ams"]["first_step_seconds"] = 0.05
+    assert rep.counter_deltas(before, rep.ams_counters(info))["first_step_host_s"] == 0.05
     # production: the server answers without the plugin's counters -> 0; no answer -> unknown
     plain = rep.ams_counters({"internal_states": [{"avg_spec_accept_length": None}]})
     assert plain == {} and rep.counter_deltas(plain, plain)["compactions"] == 0

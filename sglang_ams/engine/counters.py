@@ -25,6 +25,7 @@ class Counters:
     compact_gpu_ms: float = 0.0     # KV moves
     warmup_seconds: float = 0.0     # kernel compilation at startup
     first_step_seconds: float = 0.0  # scheduler time of the first compaction step
+    first_step_gpu_ms: float = 0.0   # and its span on the GPU (as step_gpu_ms_max's)
     step_seconds_max: float = 0.0   # the longest compaction step after the first (scheduler time)
     step_gpu_ms_max: float = 0.0    # the longest after the first on the GPU: its first kernel's start to its last's
                                     # end (what the decode step queued behind it waits for)
@@ -52,8 +53,9 @@ class Counters:
             self.gpu_span("compact", scored, moved)
             self.workspace_peak_bytes = max(self.workspace_peak_bytes, chunk.workspace_peak)
             self.decode_lse_launches += chunk.decode_lse
-        if report.chunks and report.chunks[0].gpu_marks[0] is not None and self.launches > 0:
-            self.gpu_span("step", report.chunks[0].gpu_marks[0], report.chunks[-1].gpu_marks[2])
+        if report.chunks and report.chunks[0].gpu_marks[0] is not None:
+            self.gpu_span("step" if self.launches else "first", report.chunks[0].gpu_marks[0],
+                          report.chunks[-1].gpu_marks[2])
         seconds = report.host_seconds
         self.launches += 1
         self.host_seconds += seconds
@@ -76,6 +78,8 @@ class Counters:
                     self.score_gpu_ms += ms
                 elif kind == "compact":
                     self.compact_gpu_ms += ms
+                elif kind == "first":
+                    self.first_step_gpu_ms = ms
                 else:
                     self.step_gpu_ms_max = max(self.step_gpu_ms_max, ms)
             else:
@@ -97,7 +101,7 @@ class Counters:
                 f"compacting {self.compact_gpu_ms:.1f} ms (GPU), host {self.host_seconds * 1e3:.1f} ms, "
                 f"ring waits: {self.ring_waits}, scoring with decode LSE: {self.decode_lse_launches}, "
                 f"step peak {self.workspace_peak_bytes / 2**20:.0f} of {self.workspace_bound_bytes / 2**20:.0f} MiB, "
-                f"first step {self.first_step_seconds * 1e3:.0f} ms, "
+                f"first step {self.first_step_seconds * 1e3:.0f} ms (on the GPU {self.first_step_gpu_ms:.0f} ms), "
                 f"longest later {self.step_seconds_max * 1e3:.0f} ms (on the GPU {self.step_gpu_ms_max:.0f} ms)")
 
 

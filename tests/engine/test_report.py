@@ -84,6 +84,7 @@ def test_the_longest_step_on_the_gpu_spans_its_chunks_and_skips_the_first_step()
     snap = c.snapshot()                             # with a span still pending: its events are not copied
     assert snap["step_gpu_ms_max"] == 36 and not any(k.startswith("_") for k in snap)
     assert c.step_gpu_ms_max == 36                  # 200 -> 236: both chunks of the second step
+    assert c.first_step_gpu_ms == 100 and "first step 200 ms (on the GPU 100 ms)" in c.summary()
     assert (c.score_gpu_ms, c.compact_gpu_ms) == (90 + 5 + 23 + 10, 10 + 2 + 6 + 2)
     late.done = True
     c.harvest()                                     # a span still running is read once it has completed
