@@ -53,12 +53,16 @@ def start_lse_check(got: torch.Tensor, recomputed: torch.Tensor, items) -> Pendi
     return PendingLseCheck(host, done, rids)
 
 
-def poll_lse_check(rt: Runtime) -> None:
-    """Settle a queued decode-LSE check whose GPU work has finished (non-blocking): on a match scoring takes the
-    decode LSE from then on; on a mismatch (an attention kernel with another LSE convention) it recomputes it."""
+def settle_lse_check(rt: Runtime) -> None:
+    """At the start of the step after the comparison was queued: on a match scoring takes the decode LSE from
+    then on; on a mismatch (an attention kernel with another LSE convention) it recomputes it. Settling at a
+    fixed step keeps selections independent of GPU timing; the comparison ran at least a decode step earlier,
+    so waiting for its event costs nothing in practice."""
     check = rt.decode_lse_check
-    if check is None or (check.done is not None and not check.done.query()):
+    if check is None:
         return
+    if check.done is not None and not check.done.query():
+        check.done.synchronize()
     rt.decode_lse_check = None
     close, err, scale = check.values.tolist()
     logger.debug("sglang-ams: decode-LSE window attention max abs error %.3g (max value %.3g)", err, scale)
@@ -75,10 +79,10 @@ def poll_lse_check(rt: Runtime) -> None:
 
 def verify_decode_lse(rt: Runtime, attention, mean_rows, last_row, items):
     """Until the decode attention's LSE is known to match, scoring that took it is recomputed by the kernel's
-    own two passes, and the recomputed rows are used. Debug mode compares every time, on the host, and raises
-    on a mismatch; otherwise the first such step queues one comparison (start_lse_check), settled by
-    poll_lse_check at a later step (at once off a GPU), and steps in between recompute. Returns the rows to
-    use and whether they are the decode-LSE ones."""
+    own two passes. Debug mode compares every time, on the host, and raises on a mismatch. Otherwise the first
+    such chunk queues one comparison (start_lse_check) and uses the recomputed rows, as do the other chunks of
+    its step; the next step settles it (settle_lse_check). Returns the rows to use and whether they are the
+    decode-LSE ones."""
     check_mean, check_last = attention()
     if rt.settings.debug_checks:
         check_decode_lse(mean_rows, check_mean, items)
@@ -88,7 +92,6 @@ def verify_decode_lse(rt: Runtime, attention, mean_rows, last_row, items):
         rt.decode_lse_ok = True
         return mean_rows, last_row, True
     rt.decode_lse_check = start_lse_check(mean_rows, check_mean, items)
-    poll_lse_check(rt)
     return check_mean, check_last, False
 
 

@@ -28,7 +28,7 @@ from ..scorers.base import Inputs, ScoreInputs
 from ..transfer import to_device
 from ..window_attention import WindowAttention
 from . import pacing, step_profile, workspace
-from .checks import (check_invariants, check_pinned_in_place, free_before, poll_lse_check, verify_decode_lse,
+from .checks import (check_invariants, check_pinned_in_place, free_before, settle_lse_check, verify_decode_lse,
                      workspace_peak_end, workspace_peak_start)
 from .counters import Timer, now
 from .report import NOTHING, ChunkReport, RequestReport, StepReport, Trace
@@ -212,6 +212,7 @@ class Compactor:
             # The previous forward may still read these KV slots and write the newest K/V and queries.
             torch.cuda.current_stream().wait_stream(rt.forward_stream)
         available = free_before(rt)
+        settle_lse_check(rt)
         groups: dict = {}
         for d in due:
             groups.setdefault(group_key(d.state.cfg), []).append(d)
@@ -300,7 +301,6 @@ class Compactor:
                 window_attention_pool, k_ptrs, r2t, rows, lengths, queries, kv_dtype=shape.dtype,
                 num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim, slot_stride=rt.slot_stride,
                 scale=shape.scale, want_last_row=need.last_row, max_len=t_max)
-            poll_lse_check(rt)
             if rt.settings.scoring_lse == "decode" and rt.ring.has_lse and rt.decode_lse_ok is not False \
                     and rt.decode_lse_check is None and all(d.state.ring_lse for d in items):
                 row_lse = rt.ring.window_lse(ring_rows, newest, layers)     # keys are then read once

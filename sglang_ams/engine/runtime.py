@@ -81,7 +81,7 @@ class Runtime:
                 self.ring.compile_store()
         self.counters = Counters()
         self.decode_lse_ok = None       # None: not checked yet; False: the decode LSE disagreed, recompute it
-        self.decode_lse_check = None    # the first comparison while its GPU work runs (checks.PendingLseCheck)
+        self.decode_lse_check = None    # the first comparison, settled at the next step (checks.PendingLseCheck)
         self.tree_cache = None
         self.forward_stream = None
         self.overlap = False

@@ -111,9 +111,9 @@ def check_selection(env: Env, c: ChunkReport, snap: Snap) -> None:
                             query_pos=query_pos, rope=env.rt.rope, scale=env.rt.shape.scale)
     could = (cfg.inputs.runs_attention and env.rt.settings.scoring_lse == "decode"
              and env.rt.decode_lse_ok is not False and c.ring_lse)
-    # Outside debug mode the first such chunk uses the recomputed rows, and so do later ones while its comparison
-    # is queued on the GPU (checks.PendingLseCheck).
-    trusted = env.rt.settings.debug_checks or (env.lse_chunks > 0 and env.rt.decode_lse_check is None)
+    # Outside debug mode the first step with such chunks uses the recomputed rows in all of them: its comparison
+    # settles at the next step (checks.PendingLseCheck).
+    trusted = env.rt.settings.debug_checks or env.lse_chunks_before_step > 0
     assert c.decode_lse == (could and trusted)
     env.lse_chunks += could
     if cfg.inputs.runs_attention:        # Triton window attention over the pool == torch over dense tensors
@@ -196,6 +196,7 @@ def check_compaction(env: Env, batch: ScheduleBatch, snap: Snap, report: StepRep
 def step(env: Env, batch: ScheduleBatch) -> StepReport:
     """One scheduler iteration; returns the compaction step's report (every chunk of it already checked)."""
     snap = snapshot(env, batch)
+    env.lse_chunks_before_step = env.lse_chunks
     report = env.compactor.step(batch)
     assert len(report.requests) == sum(len(c.requests) for c in report.chunks)
     if report:

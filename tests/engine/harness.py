@@ -54,6 +54,7 @@ class Env:
     dropped: dict = dataclasses.field(default_factory=dict)  # rid -> tokens dropped so far
     freed: list = dataclasses.field(default_factory=list)    # slots freed by each compaction step
     lse_chunks: int = 0         # chunks so far that could score with the decode attention's LSE
+    lse_chunks_before_step: int = 0     # ... before the current step
 
     @property
     def page_size(self) -> int:
