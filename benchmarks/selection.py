@@ -7,6 +7,7 @@ its rows is also checked to equal the torch path's result.
 
     python benchmarks/selection.py              # GPU: the grid below, JSON under benchmarks/results/
     python benchmarks/selection.py --dry-run    # CPU: tiny shapes, checks only, no timings, nothing saved
+    python benchmarks/selection.py --warps 2,4,8,16   # GPU: the kernel also at each warp count (tuning _warps)
 
 Rows = (requests N, layers L, KV heads H) of T tokens each, B kept (AMS defaults of PolicyConfig: sink 4 pinned,
 keep_lastn 32 recent, credit on). Inputs are random (scores, evidence and credit of the right shapes): the
@@ -30,6 +31,7 @@ from results_io import save, table  # noqa: E402
 
 from sglang_ams.config import PolicyConfig  # noqa: E402
 from sglang_ams.engine.step_profile import top_level_aten  # noqa: E402
+from sglang_ams.kernels import select_ams as ams_kernel  # noqa: E402
 from sglang_ams.kernels.select_ams import MAX_TOKENS  # noqa: E402
 from sglang_ams.selection import select_ams, select_topk  # noqa: E402
 
@@ -53,10 +55,22 @@ def calls(policy, cfg, inputs, budget):
     n = lengths.shape[0]
     pinned = torch.full((n,), cfg.sink, device=lengths.device)
     keep = torch.full((n,), budget, device=lengths.device)
-    if policy in ("ams", "ams-triton"):
-        kernel = policy == "ams-triton"
+    if policy.startswith("ams"):
+        kernel = policy.startswith("ams-triton")
         return lambda: select_ams(scores, evidence, lengths, pinned, keep, cfg, credit, k_max=budget, kernel=kernel)
     return lambda: select_topk(scores, lengths, pinned, keep, cfg.keep_lastn, k_max=budget)
+
+
+def with_warps(fn, warps):
+    """fn with the selection kernel launched at `warps` warps per program, whatever the block."""
+    def call():
+        shipped = ams_kernel._warps
+        ams_kernel._warps = lambda block: warps
+        try:
+            return fn()
+        finally:
+            ams_kernel._warps = shipped
+    return call
 
 
 def gpu_ms(fn, warmup, reps):
@@ -104,6 +118,9 @@ def main(argv=None):
     ap.add_argument("--mem-gb", type=float, default=40.0, help="skip rows whose selection temporaries pass this")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--warps", type=lambda v: [int(w) for w in v.split(",")], default=[],
+                    help="also time the selection kernel at these warps per program (e.g. 2,4,8,16; rows "
+                         "ams-triton-wN), each checked against the torch path too: tunes kernels/select_ams._warps")
     a = ap.parse_args(argv)
     cuda = torch.cuda.is_available() and not a.dry_run
     if not cuda and not a.dry_run:
@@ -120,14 +137,18 @@ def main(argv=None):
                 continue
             inputs = make_inputs(n, layers, heads, t, device)
             reference = None
-            for policy in ("ams", "ams-triton", "topk"):
-                if policy == "ams-triton" and t > MAX_TOKENS:
+            policies = ["ams", "ams-triton", *(f"ams-triton-w{w}" for w in a.warps), "topk"]
+            for policy in policies:
+                if policy.startswith("ams-triton") and t > MAX_TOKENS:
                     continue
+                warps = int(policy.rpartition("-w")[2]) if "-w" in policy else None
                 fn = calls(policy, cfg, inputs, budget)
+                if warps is not None:
+                    fn = with_warps(fn, warps)
                 sel = fn()
                 if policy == "ams":
                     reference = sel
-                elif policy == "ams-triton":
+                elif policy.startswith("ams-triton"):
                     assert torch.equal(sel.indices, reference.indices) and torch.equal(sel.credit, reference.credit), \
                         "the selection kernel differs from the torch selection"
                 kept = (sel.indices >= 0).sum(-1)
