@@ -19,6 +19,7 @@
 #                runs whose NOTES.md name no --cuda-graph-max-bs-decode ran at SGLang's 256)
 #   POLICY_ARGS  flags for ams/topk servers     LIMIT_S  seconds for the driver (570; it stops its server then)
 #   PORT (30000; tests/gpu/on-gpus.sh gives each job its own)   SV  the results folder ($TMP/serving-$PORT)
+#   CHECK_FILES  the test files `checks` runs (default: test_ring_store.py test_flashinfer_lse.py test_select_kernel.py)
 # Several GPUs: `setup` once, then tests/gpu/on-gpus.sh 590 "0=CONFIGS=production bash benchmarks/serving-visit.sh run"
 # "1=CONFIGS=ams bash benchmarks/serving-visit.sh run" ... (each job gets its PORT, so its own $SV, and its $OUT);
 # combine the summaries on the CPU side: python benchmarks/serving.py --merge DIR... --out benchmarks/results/serving-...
@@ -86,8 +87,9 @@ for phase in "$@"; do
     say "wait: $( [ -f "$SV/driver.done" ] && echo "driver exited $(cat "$SV/driver.done")" || echo "still running")";;
   checks)    # GPU tests: the decode-path hooks (fused ring store under graph capture, FlashInfer's LSE) and the
              # selection kernel against the torch selection at 8B chunk shapes
-    (cd tests && python3 -m pytest -q -m gpu -p no:cacheprovider --rootdir=. test_ring_store.py test_flashinfer_lse.py \
-      test_select_kernel.py) \
+    # CHECK_FILES narrows them (the selection kernel's compile for its test takes ~2 of the ~2.5 minutes)
+    (cd tests && python3 -m pytest -q -m gpu -p no:cacheprovider --rootdir=. \
+      ${CHECK_FILES:-test_ring_store.py test_flashinfer_lse.py test_select_kernel.py}) \
       > "$OUT/checks.log" 2>&1
     say "checks: $(tail -1 "$OUT/checks.log")";;
   savejit)
