@@ -87,7 +87,7 @@ for phase in "$@"; do
     say "wait: $( [ -f "$SV/driver.done" ] && echo "driver exited $(cat "$SV/driver.done")" || echo "still running")";;
   checks)    # GPU tests: the decode-path hooks (fused ring store under graph capture, FlashInfer's LSE) and the
              # selection kernel against the torch selection at 8B chunk shapes
-    # CHECK_FILES narrows them (the selection kernel's compile for its test takes ~2 of the ~2.5 minutes)
+    # CHECK_FILES narrows them (all three took 135 s on the 2026-12-08 H100, the kernels compiling included)
     (cd tests && python3 -m pytest -q -m gpu -p no:cacheprovider --rootdir=. \
       ${CHECK_FILES:-test_ring_store.py test_flashinfer_lse.py test_select_kernel.py}) \
       > "$OUT/checks.log" 2>&1
