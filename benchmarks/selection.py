@@ -137,11 +137,11 @@ def main(argv=None):
                 continue
             inputs = make_inputs(n, layers, heads, t, device)
             reference = None
-            policies = ["ams", "ams-triton", *(f"ams-triton-w{w}" for w in a.warps), "topk"]
-            for policy in policies:
+            policies = [("ams", None), ("ams-triton", None), *((f"ams-triton-w{w}", w) for w in a.warps),
+                        ("topk", None)]
+            for policy, warps in policies:
                 if policy.startswith("ams-triton") and t > MAX_TOKENS:
                     continue
-                warps = int(policy.rpartition("-w")[2]) if "-w" in policy else None
                 fn = calls(policy, cfg, inputs, budget)
                 if warps is not None:
                     fn = with_warps(fn, warps)

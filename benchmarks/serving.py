@@ -168,8 +168,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.merge is None and not args.model_path:
         parser.error("--model-path is required (unless --merge)")
-    if args.merge is not None and args.out is None:
-        parser.error("--merge needs --out")
+    if (args.merge is not None or args.recover) and args.out is None:
+        parser.error("--merge and --recover need --out")
     if args.repeats < 1 or args.scale <= 0 or args.count_scale <= 0:
         parser.error("--repeats must be >= 1, --scale and --count-scale > 0")
     args.tokenizer = args.tokenizer or args.model_path
@@ -465,9 +465,6 @@ def main(argv=None) -> int:
     if args.merge is not None:
         return merge_main(args, command)
     if args.recover:
-        if args.out is None:
-            sys.exit("--recover needs --out")
-        args.out = Path(args.out)
         return recover_main(args, command)
     dev = device()
     args.out = Path(args.out) if args.out else default_out(dev)

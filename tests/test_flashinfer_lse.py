@@ -62,7 +62,7 @@ def test_decode_hook_stores_flashinfer_lse_in_log2_units(q_heads, kv_heads, head
     torch.testing.assert_close(stored, torch.stack(want), atol=2e-2, rtol=2e-3)
 
 
-def test_the_queued_lse_check_settles_without_a_host_sync():
+def test_the_queued_lse_check_gives_the_comparison_through_pinned_memory():
     """The first compaction's comparison runs behind a CUDA event into pinned memory (checks.start_lse_check):
     its values are right once the event passes, and a mismatch is seen as one."""
     from sglang_ams.engine import checks

@@ -531,6 +531,8 @@ def test_recover_rebuilds_a_lost_entry_from_the_run_files(stand_ins, tmp_path):
                 "server_cmd", "bench_cmd"):
         assert back[key] == lost[key], key
     assert serving.main(argv + ["--recover"]) == 2              # nothing left to recover
+    with pytest.raises(SystemExit):
+        serving.main(argv[:argv.index("--out")] + ["--recover"])
 
 
 def test_driver_survives_a_server_that_does_not_start(tmp_path, capsys):

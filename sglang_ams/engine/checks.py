@@ -15,15 +15,24 @@ logger = logging.getLogger("sglang_ams")
 
 
 ATOL, RTOL = 2e-4, 2e-2        # torch.allclose's rule: |got - recomputed| <= ATOL + RTOL * |recomputed|
+MATCHED = ("sglang-ams: window attention from the decode attention's LSE matches the recomputed one; scoring reads "
+           "each key once")
+
+
+def lse_stats(got: torch.Tensor, recomputed: torch.Tensor) -> torch.Tensor:
+    """[close, max abs error, max value] of the decode-LSE window attention against the recomputed one, on the
+    tensors' device (NaN compares false: not close)."""
+    diff = (got - recomputed).abs()
+    close = (diff <= ATOL + RTOL * recomputed.abs()).all()
+    return torch.stack([close.float(), diff.max().float(), recomputed.abs().max().float()])
 
 
 def check_decode_lse(got: torch.Tensor, recomputed: torch.Tensor, items) -> None:
     """Debug mode: window attention from the decode attention's LSE equals the kernel's own two-pass result
     (catches a wrong LSE convention or a query/LSE mismatch in the ring)."""
-    err = float((got - recomputed).abs().max())
-    scale = float(recomputed.abs().max())
+    close, err, scale = lse_stats(got, recomputed).tolist()
     logger.debug("sglang-ams: decode-LSE window attention max abs error %.3g (max value %.3g)", err, scale)
-    if not torch.allclose(got, recomputed, atol=ATOL, rtol=RTOL):
+    if not close:
         raise AssertionError(f"window attention from the decode LSE differs from the recomputed one by {err:.3g} "
                              f"(max value {scale:.3g}) for requests {[d.req.rid for d in items]}")
 
@@ -41,9 +50,7 @@ def start_lse_check(got: torch.Tensor, recomputed: torch.Tensor, items) -> Pendi
     """Queue the comparison and its copy to pinned host memory behind an event: no host sync, so the first
     compaction step does not wait for the GPU (with that sync the first step took 50-78 ms of scheduler time on
     the H100 and H200 serving runs, later ones at most 8-25 ms)."""
-    diff = (got - recomputed).abs()
-    close = (diff <= ATOL + RTOL * recomputed.abs()).all()          # NaN compares false: not close
-    stats = torch.stack([close.float(), diff.max().float(), recomputed.abs().max().float()])
+    stats = lse_stats(got, recomputed)
     rids = [d.req.rid for d in items]
     if stats.device.type != "cuda":
         return PendingLseCheck(stats, None, rids)
@@ -69,8 +76,7 @@ def settle_lse_check(rt: Runtime) -> None:
     logger.debug("sglang-ams: decode-LSE window attention max abs error %.3g (max value %.3g)", err, scale)
     if close:
         rt.decode_lse_ok = True
-        logger.info("sglang-ams: window attention from the decode attention's LSE matches the recomputed one; "
-                    "scoring reads each key once")
+        logger.info(MATCHED)
     else:
         rt.decode_lse_ok = False
         logger.warning("sglang-ams: window attention from the decode LSE differs from the recomputed one by "
@@ -88,8 +94,7 @@ def verify_decode_lse(rt: Runtime, attention, mean_rows, last_row, items):
     if rt.settings.debug_checks:
         check_decode_lse(mean_rows, check_mean, items)
         if rt.decode_lse_ok is None:
-            logger.info("sglang-ams: window attention from the decode attention's LSE matches the recomputed "
-                        "one; scoring reads each key once")
+            logger.info(MATCHED)
         rt.decode_lse_ok = True
         return mean_rows, last_row, True
     rt.decode_lse_check = start_lse_check(mean_rows, check_mean, items)
